@@ -1,0 +1,3 @@
+from session_sidecar.cli import main
+
+raise SystemExit(main())
