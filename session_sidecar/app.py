@@ -1,0 +1,91 @@
+"""The application factory: builds every part once, wires the routes, owns start and stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from session_sidecar import __version__, routes
+from session_sidecar.access import AccessPolicy, make_policy
+from session_sidecar.auth import Authenticator
+from session_sidecar.errors import ApiError
+from session_sidecar.models import openapi_schema
+from session_sidecar.observability import Metrics, ObservabilityMiddleware
+from session_sidecar.sessions import SessionService
+from session_sidecar.settings import Settings, redact_url
+from session_sidecar.store import KeySchema, RedisClient, ScanFinder, create_client
+
+log = logging.getLogger("session_sidecar")
+
+
+class Sidecar:
+    """Everything a request needs, built once per process."""
+
+    def __init__(self, settings: Settings, client: RedisClient | None = None):
+        self.settings = settings
+        self.client = client if client is not None else create_client(settings)
+        self.metrics = Metrics()
+        self.authenticator = Authenticator(settings)
+        self.policy: AccessPolicy = make_policy(settings)
+        finder = ScanFinder(self.client, KeySchema(settings.stream_prefix))
+        self.sessions = SessionService(settings, self.client, finder)
+        self.id_pattern = re.compile(settings.conversation_id_pattern)
+        self.openapi_json = msgspec.json.encode(openapi_schema(settings.api_prefix, __version__))
+
+    async def start(self) -> None:
+        log.info(
+            "starting: redis %s, policy %s, stream prefix %r",
+            redact_url(self.settings.redis_url),
+            self.settings.access_policy,
+            self.settings.stream_prefix,
+        )
+        await self.authenticator.start()
+
+    async def close(self) -> None:
+        await self.authenticator.close()
+        await self.policy.close()
+        await self.client.aclose()
+
+    async def not_ready_reason(self) -> str | None:
+        try:
+            await self.sessions.ping()
+        except ApiError as exc:
+            return exc.message
+        return None
+
+
+def create_app(settings: Settings, *, client: RedisClient | None = None) -> Starlette:
+    sidecar = Sidecar(settings, client)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await sidecar.start()
+        try:
+            yield
+        finally:
+            await sidecar.close()
+
+    base = f"{settings.api_prefix}/conversations/{{conversation_id}}"
+    app = Starlette(
+        routes=[
+            Route(f"{base}/active-session", routes.active_session, methods=["GET"]),
+            Route(f"{base}/task-status", routes.task_status, methods=["GET"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/openapi.json", routes.openapi, methods=["GET"]),
+        ],
+        middleware=[Middleware(ObservabilityMiddleware, metrics=sidecar.metrics)],
+        exception_handlers={HTTPException: routes.http_exception, Exception: routes.server_error},
+        lifespan=lifespan,
+    )
+    app.state.sidecar = sidecar
+    return app

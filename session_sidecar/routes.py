@@ -1,0 +1,131 @@
+"""The HTTP surface: two conversation endpoints and the operational ones.
+
+Every refusal is an `ApiError` mapped to the flat `{"error", "conversationId"}`
+body in `_refusal`, the one place statuses are chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from session_sidecar.errors import ApiError, BadRequest, NotFound, Unauthorized, Unavailable
+from session_sidecar.models import ENCODER, ActiveSession, ErrorBody, TaskStatus
+from session_sidecar.sessions import Lookup
+
+log = logging.getLogger("session_sidecar.routes")
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def json_response(body: msgspec.Struct | dict[str, Any], status: int = 200, **headers: str) -> Response:
+    return Response(
+        ENCODER.encode(body), status, headers={**NO_STORE, **headers}, media_type="application/json"
+    )
+
+
+async def active_session(request: Request) -> Response:
+    return await _answer(request, "No active session found", _active_session_body)
+
+
+async def task_status(request: Request) -> Response:
+    return await _answer(request, "No background task found", _task_status_body)
+
+
+def _active_session_body(conversation_id: str, found: Lookup) -> msgspec.Struct:
+    run = found.run
+    return ActiveSession(
+        session_id=run.run_id,
+        status=run.state.value,
+        cursor=run.cursor,
+        conversation_id=conversation_id,
+        started_at=run.started_at,
+        last_activity=run.last_activity,
+    )
+
+
+def _task_status_body(conversation_id: str, found: Lookup) -> msgspec.Struct:
+    return TaskStatus(
+        is_active=found.working,
+        session_id=found.run.run_id,
+        estimated_completion=found.estimated_completion,
+        conversation_id=conversation_id,
+    )
+
+
+async def _answer(request: Request, not_found: str, render: Any) -> Response:
+    sidecar = request.app.state.sidecar
+    conversation_id: str = request.path_params["conversation_id"]
+    try:
+        identity = await sidecar.authenticator.authenticate(request.headers.get("authorization"))
+        request.state.user_id = identity.user_id
+        if not _valid_id(sidecar.id_pattern, conversation_id):
+            raise BadRequest("Malformed conversation id")
+        visible = await sidecar.policy.visible_runs(identity, conversation_id)
+        found = await sidecar.sessions.lookup(conversation_id, visible)
+        if found is None:
+            raise NotFound(not_found)
+    except ApiError as refusal:
+        return _refusal(request, refusal, conversation_id)
+    return json_response(render(conversation_id, found))
+
+
+def _valid_id(pattern: re.Pattern[str], conversation_id: str) -> bool:
+    # The colon check stands even if a custom pattern slips one through.
+    return ":" not in conversation_id and pattern.fullmatch(conversation_id) is not None
+
+
+def _refusal(request: Request, refusal: ApiError, conversation_id: str | None) -> Response:
+    metrics = request.app.state.sidecar.metrics
+    reason = getattr(refusal, "reason", None)
+    request.state.reason = reason or refusal.message
+    if isinstance(refusal, Unauthorized):
+        metrics.auth_failures.labels(refusal.reason).inc()
+    elif isinstance(refusal, Unavailable):
+        if refusal.reason.startswith("redis"):
+            metrics.redis_errors.labels(refusal.reason.removeprefix("redis_")).inc()
+        else:
+            metrics.upstream_errors.labels(refusal.reason).inc()
+    body = ErrorBody(error=refusal.message, conversation_id=conversation_id)
+    return json_response(body, refusal.status_code, **refusal.headers)
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods keep the flat body too."""
+    assert isinstance(exc, HTTPException)
+    body = ErrorBody(error=exc.detail, conversation_id=request.path_params.get("conversation_id"))
+    return json_response(body, exc.status_code, **(exc.headers or {}))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    body = ErrorBody(error="Internal error", conversation_id=request.path_params.get("conversation_id"))
+    return json_response(body, 500)
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. Never touches Redis, so a Redis outage restarts nothing."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    sidecar = request.app.state.sidecar
+    reason = await sidecar.not_ready_reason()
+    if reason is None:
+        return json_response({"status": "ready"})
+    return json_response({"status": "unavailable", "reason": reason}, 503, **{"Retry-After": "1"})
+
+
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.sidecar.metrics.registry
+    return Response(generate_latest(registry), headers=NO_STORE, media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    return Response(request.app.state.sidecar.openapi_json, media_type="application/json")

@@ -1,0 +1,65 @@
+"""One lookup: find a conversation's runs, read their facts, derive, choose.
+
+Both endpoints call `SessionService.lookup`, so they always choose the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from session_sidecar.access import RunFilter
+from session_sidecar.derive import (
+    DurationTracker,
+    Rules,
+    RunState,
+    RunView,
+    choose_run,
+    derive_run,
+    estimated_completion,
+)
+from session_sidecar.settings import Settings
+from session_sidecar.store import KeySchema, RedisClient, RunFinder, budget, read_facts
+
+
+class Lookup(msgspec.Struct, frozen=True):
+    run: RunView
+    estimated_completion: int
+
+    @property
+    def working(self) -> bool:
+        return self.run.state is RunState.WORKING
+
+
+class SessionService:
+    def __init__(self, settings: Settings, client: RedisClient, finder: RunFinder):
+        self.client = client
+        self.finder = finder
+        self.schema = KeySchema(settings.stream_prefix)
+        self.rules = Rules(
+            stale_after_ms=settings.stale_after_s * 1000, status_ttl_ms=settings.status_ttl_s * 1000
+        )
+        self.durations = DurationTracker(settings.default_duration_s * 1000)
+        self.timeout_s = settings.redis_timeout_ms / 1000
+
+    async def lookup(self, conversation_id: str, visible: RunFilter) -> Lookup | None:
+        """The chosen visible run, or None when the caller can see no run of this conversation."""
+        async with budget(self.timeout_s):
+            run_ids = [r for r in await self.finder.run_ids(conversation_id) if visible(r)]
+            facts = await read_facts(self.client, self.schema, conversation_id, run_ids)
+        now_ms = int(time.time() * 1000)
+        views = []
+        for fact in facts:
+            self.durations.observe(conversation_id, fact)
+            view = derive_run(fact, now_ms, self.rules)
+            if view is not None:
+                views.append(view)
+        chosen = choose_run(views)
+        if chosen is None:
+            return None
+        return Lookup(chosen, estimated_completion(chosen, now_ms, self.durations.typical_ms()))
+
+    async def ping(self) -> bool:
+        async with budget(self.timeout_s):
+            return bool(await self.client.ping())

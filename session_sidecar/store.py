@@ -1,0 +1,235 @@
+"""All Redis access: the key schema, the client, run discovery and the facts read.
+
+Read-only by design: nothing here writes the backend's keys. Every call runs
+inside a per-request budget (`budget()`), which turns timeouts and connection
+failures into `Unavailable` (503), never into "no session".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from session_sidecar.derive import KNOWN_STATUSES, RunFacts
+from session_sidecar.errors import Unavailable
+from session_sidecar.settings import Settings
+
+log = logging.getLogger("session_sidecar.store")
+
+STATUS_PREFIX = "task:status"
+SCAN_COUNT = 1000
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def glob_escape(value: str) -> str:
+    """Escape `* ? [ ] \\` so a request value matches only itself in SCAN MATCH."""
+    return _GLOB_SPECIAL.sub(r"\\\1", value)
+
+
+class KeySchema:
+    """The backend's key names. A conversation id never holds ':', a run id may."""
+
+    def __init__(self, stream_prefix: str):
+        self.stream_prefix = stream_prefix
+        self.status_prefix = STATUS_PREFIX
+
+    def stream_key(self, conversation_id: str, run_id: str) -> str:
+        return f"{self.stream_prefix}:{conversation_id}:{run_id}"
+
+    def status_key(self, conversation_id: str, run_id: str) -> str:
+        return f"{self.status_prefix}:{conversation_id}:{run_id}"
+
+    def match_patterns(self, conversation_id: str) -> tuple[str, str]:
+        conv = glob_escape(conversation_id)
+        return (f"{glob_escape(self.stream_prefix)}:{conv}:*", f"{self.status_prefix}:{conv}:*")
+
+    def parse(self, key: str) -> tuple[str, str] | None:
+        """`(conversation_id, run_id)` of a stream or status key, else None.
+
+        The run id is everything after `{prefix}:{conversation}:`, colons included.
+        """
+        for prefix in (self.stream_prefix, self.status_prefix):
+            if key.startswith(prefix) and key[len(prefix) : len(prefix) + 1] == ":":
+                conversation, sep, run_id = key[len(prefix) + 1 :].partition(":")
+                if sep and conversation and run_id:
+                    return conversation, run_id
+        return None
+
+
+def create_client(settings: Settings) -> RedisClient:
+    """One pooled client for the process, standalone, Sentinel or Cluster."""
+    timeout_s = settings.redis_timeout_ms / 1000
+    common: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "decode_responses": False,
+        "health_check_interval": 30,
+        # One quick retry absorbs a dropped pooled connection; the budget bounds it.
+        "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+    }
+    if settings.redis_sentinels:
+        sentinels = []
+        for node in settings.redis_sentinels.split(","):
+            host, _, port = node.strip().rpartition(":")
+            sentinels.append((host, int(port)))
+        assert settings.redis_sentinel_master is not None
+        sentinel = Sentinel(sentinels, socket_timeout=timeout_s)  # type: ignore[no-untyped-call]
+        client: aioredis.Redis = sentinel.master_for(settings.redis_sentinel_master, **common)
+        return client
+    if settings.redis_cluster:
+        common.pop("health_check_interval")
+        return RedisCluster.from_url(settings.redis_url, **common)
+    return aioredis.Redis.from_url(settings.redis_url, max_connections=64, **common)
+
+
+@asynccontextmanager
+async def budget(timeout_s: float) -> AsyncIterator[None]:
+    """All Redis work of one request: within `timeout_s`, or a 503."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        log.warning("redis over budget (%.0f ms)", timeout_s * 1000)
+        raise Unavailable("Session store too slow", reason="redis_timeout") from None
+    except RedisError as exc:
+        log.warning("redis unavailable: %s", type(exc).__name__)
+        raise Unavailable("Session store unavailable", reason="redis_error") from None
+
+
+class RunFinder(Protocol):
+    """Finds the run ids a conversation has keys for; the facts are read separately."""
+
+    async def run_ids(self, conversation_id: str) -> set[str]: ...
+
+
+class ScanFinder:
+    """Per-request `SCAN MATCH` over both prefixes. Costs the whole keyspace: a fallback."""
+
+    def __init__(self, client: RedisClient, schema: KeySchema):
+        self._client = client
+        self._schema = schema
+
+    async def run_ids(self, conversation_id: str) -> set[str]:
+        patterns = self._schema.match_patterns(conversation_id)
+        found = await asyncio.gather(*(self._scan(p) for p in patterns))
+        run_ids: set[str] = set()
+        for keys in found:
+            for raw in keys:
+                key = decode_key(raw)
+                parsed = self._schema.parse(key) if key is not None else None
+                if parsed is not None and parsed[0] == conversation_id:
+                    run_ids.add(parsed[1])
+        return run_ids
+
+    async def _scan(self, pattern: str) -> list[bytes]:
+        return [key async for key in self._client.scan_iter(match=pattern, count=SCAN_COUNT)]
+
+
+def decode_key(raw: bytes | str) -> str | None:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        warn_once(("key", raw), "skipping a key that is not UTF-8: %r", raw[:80])
+        return None
+
+
+async def read_facts(
+    client: RedisClient, schema: KeySchema, conversation_id: str, run_ids: Iterable[str]
+) -> list[RunFacts]:
+    """Every candidate's facts in one pipelined round trip: first/last entry, status, PTTL."""
+    ordered = sorted(run_ids)
+    if not ordered:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for run_id in ordered:
+        stream = schema.stream_key(conversation_id, run_id)
+        status = schema.status_key(conversation_id, run_id)
+        pipe.xrange(stream, "-", "+", count=1)
+        pipe.xrevrange(stream, "+", "-", count=1)
+        pipe.get(status)
+        pipe.pttl(status)
+    replies = await pipe.execute(raise_on_error=False)
+    facts = []
+    for i, run_id in enumerate(ordered):
+        first, last, status, pttl = replies[4 * i : 4 * i + 4]
+        first_id, first_type = _entry(first, conversation_id, run_id)
+        last_id, last_type = _entry(last, conversation_id, run_id)
+        facts.append(
+            RunFacts(
+                run_id=run_id,
+                first_entry_id=first_id,
+                first_entry_type=first_type,
+                last_entry_id=last_id,
+                last_entry_type=last_type,
+                status=_status(status, conversation_id, run_id),
+                status_pttl_ms=pttl if isinstance(pttl, int) and pttl >= 0 else None,
+            )
+        )
+    return facts
+
+
+def _entry(reply: object, conversation_id: str, run_id: str) -> tuple[str | None, str | None]:
+    """(entry id, entry type) of an XRANGE/XREVRANGE COUNT 1 reply."""
+    if isinstance(reply, ResponseError):
+        warn_once(("stream", conversation_id, run_id), "stream key of run %r: %s", run_id, reply)
+        return None, None
+    if isinstance(reply, RedisError):
+        raise reply
+    if not isinstance(reply, list) or not reply:
+        return None, None
+    entry_id, fields = reply[0]
+    raw_type = fields.get(b"type") if isinstance(fields, dict) else None
+    entry_type = None
+    if raw_type is not None:
+        try:
+            entry_type = raw_type.decode()
+        except UnicodeDecodeError:
+            warn_once(("type", conversation_id, run_id), "run %r: entry type not UTF-8", run_id)
+            entry_type = "<undecodable>"
+    return (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)), entry_type
+
+
+def _status(reply: object, conversation_id: str, run_id: str) -> str | None:
+    if isinstance(reply, ResponseError):
+        warn_once(("status", conversation_id, run_id), "status key of run %r: %s", run_id, reply)
+        return None
+    if isinstance(reply, RedisError):
+        raise reply
+    if reply is None:
+        return None
+    try:
+        status = reply.decode() if isinstance(reply, bytes) else str(reply)
+    except UnicodeDecodeError:
+        status = "<undecodable>"
+    if status not in KNOWN_STATUSES:
+        warn_once(("unknown-status", status[:64]), "unknown status %r (run %r): idle", status[:64], run_id)
+    return status
+
+
+_warned: OrderedDict[object, None] = OrderedDict()
+
+
+def warn_once(key: object, message: str, *args: object) -> None:
+    """Bad data is polled every 2 s per tab: log each distinct problem once, not per request."""
+    if key in _warned:
+        return
+    _warned[key] = None
+    if len(_warned) > 1000:
+        _warned.popitem(last=False)
+    log.warning(message, *args)
