@@ -17,11 +17,12 @@ from session_sidecar import __version__, routes
 from session_sidecar.access import AccessPolicy, make_policy
 from session_sidecar.auth import Authenticator
 from session_sidecar.errors import ApiError
+from session_sidecar.index import IndexedFinder, LiveIndex
 from session_sidecar.models import openapi_schema
 from session_sidecar.observability import Metrics, ObservabilityMiddleware
 from session_sidecar.sessions import SessionService
 from session_sidecar.settings import Settings, redact_url
-from session_sidecar.store import KeySchema, RedisClient, ScanFinder, create_client
+from session_sidecar.store import KeySchema, RedisClient, RunFinder, ScanFinder, create_client
 
 log = logging.getLogger("session_sidecar")
 
@@ -35,7 +36,14 @@ class Sidecar:
         self.metrics = Metrics()
         self.authenticator = Authenticator(settings)
         self.policy: AccessPolicy = make_policy(settings)
-        finder = ScanFinder(self.client, KeySchema(settings.stream_prefix))
+        schema = KeySchema(settings.stream_prefix)
+        scan = ScanFinder(self.client, schema)
+        self.index: LiveIndex | None = None
+        finder: RunFinder = scan
+        if settings.index_mode != "scan":
+            self.index = LiveIndex(settings, self.client, schema, self.metrics)
+            self.metrics.index_lag.set_function(self.index.lag_s)
+            finder = IndexedFinder(self.index, scan)
         self.sessions = SessionService(settings, self.client, finder)
         self.id_pattern = re.compile(settings.conversation_id_pattern)
         self.openapi_json = msgspec.json.encode(openapi_schema(settings.api_prefix, __version__))
@@ -48,8 +56,12 @@ class Sidecar:
             self.settings.stream_prefix,
         )
         await self.authenticator.start()
+        if self.index is not None:
+            self.index.start()
 
     async def close(self) -> None:
+        if self.index is not None:
+            await self.index.close()
         await self.authenticator.close()
         await self.policy.close()
         await self.client.aclose()
@@ -59,7 +71,12 @@ class Sidecar:
             await self.sessions.ping()
         except ApiError as exc:
             return exc.message
-        return None
+        index = self.index
+        if index is None or index.seeded.is_set():
+            return None
+        if index.disabled_reason and self.settings.index_mode == "auto":
+            return None  # no notifications: serving with SCAN per request, as configured
+        return "live index not seeded yet"
 
 
 def create_app(settings: Settings, *, client: RedisClient | None = None) -> Starlette:

@@ -1,0 +1,292 @@
+"""A live, per-process index: conversation id -> run ids, kept from keyspace notifications.
+
+Redis publishes key events (`new`, `del`, `expired`, `rename_*`) for every key;
+we keep those under the stream and status prefixes. Notifications are
+fire-and-forget, so the index is only a *candidate list*: each request still
+reads the runs' facts from Redis, so a stale entry costs an extra read, never a
+wrong answer. What could be missed is repaired by:
+
+* a re-seed (one incremental SCAN) after every subscriber (re)connect,
+* a periodic anti-entropy SCAN every `SIDECAR_INDEX_RESYNC_S`,
+* falling back to a per-request SCAN whenever the index is not in sync.
+
+A SCAN runs beside the live subscriber; events that arrive meanwhile are
+journaled and replayed onto the scan's result before it replaces the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
+
+from session_sidecar.observability import Metrics
+from session_sidecar.settings import Settings
+from session_sidecar.store import SCAN_COUNT, KeySchema, RedisClient, ScanFinder, decode_key
+
+log = logging.getLogger("session_sidecar.index")
+
+STREAM, STATUS = 1, 2  # which of a run's keys exist, as bits
+ADD_EVENTS = frozenset({"new", "rename_to"})
+REMOVE_EVENTS = frozenset({"del", "expired", "evicted", "rename_from", "unlink"})
+# Flags: E key-event channel, g generic (del, rename), x expired, n new key (Redis/Valkey 7+).
+FLAGS_NEW = "Egxn"
+# Servers without `n`: creation is seen as xadd (t) and set ($) instead.
+FLAGS_LEGACY = "Eg$xt"
+_ALIASES = {"A": "g$lshzxetd"}
+
+Entries = dict[str, dict[str, int]]  # conversation -> run id -> STREAM|STATUS bits
+
+
+def _expand(flags: str) -> set[str]:
+    out: set[str] = set()
+    for ch in flags:
+        out.update(_ALIASES.get(ch, ch))
+    return out
+
+
+def missing_flags(current: str, wanted: str) -> str:
+    have = _expand(current)
+    return "".join(ch for ch in wanted if ch not in have)
+
+
+class LiveIndex:
+    def __init__(self, settings: Settings, client: RedisClient, schema: KeySchema, metrics: Metrics):
+        self._settings = settings
+        self._client = client
+        self._schema = schema
+        self._metrics = metrics
+        self._entries: Entries = {}
+        self._journal: list[tuple[str, str, str, int]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_heard = 0.0
+        self.in_sync = False
+        self._reconnected = False
+        self.disabled_reason: str | None = None  # set when notifications are unusable
+        self.seeded = asyncio.Event()
+        self.resyncs = 0
+        pool = getattr(client, "connection_pool", None)
+        db = pool.connection_kwargs.get("db", 0) if pool is not None else 0
+        self._channel_prefix = f"__keyevent@{db}__:"
+        self._prefixes = (f"{schema.stream_prefix}:".encode(), f"{schema.status_prefix}:".encode())
+
+    # -- queries -------------------------------------------------------------
+
+    def run_ids(self, conversation_id: str) -> set[str]:
+        return set(self._entries.get(conversation_id, ()))
+
+    @property
+    def size(self) -> int:
+        return sum(len(runs) for runs in self._entries.values())
+
+    def lag_s(self) -> float:
+        return time.monotonic() - self._last_heard if self._last_heard else float("inf")
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._maintain(), name="live-index")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _maintain(self) -> None:
+        """Subscribe, seed, follow events, resync; on any failure fall back and start over."""
+        backoff = 0.1
+        while True:
+            try:
+                events = await self._notification_events()
+                if events is None:
+                    await asyncio.sleep(self._settings.index_resync_s)  # re-check the flags later
+                    continue
+                await self._follow(events)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self.in_sync:
+                    log.warning("index subscriber lost (%s): SCAN per request until re-seeded", exc)
+                self.in_sync = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.1
+
+    async def _notification_events(self) -> tuple[str, ...] | None:
+        """The key events to follow, enabling flags if allowed; None when notifications are unusable."""
+        if isinstance(self._client, RedisCluster):
+            self._disable("Redis Cluster: notifications are per node; using SCAN per request")
+            return None
+        try:
+            reply: Any = await self._client.config_get("notify-keyspace-events")
+            current = reply.get(b"notify-keyspace-events", reply.get("notify-keyspace-events", b""))
+            current = current.decode() if isinstance(current, bytes) else str(current)
+        except ResponseError as exc:
+            if self._settings.index_mode == "index":
+                log.warning("CONFIG GET refused (%s); trusting SIDECAR_INDEX_MODE=index", exc)
+                return self._events(new_keys=True)
+            self._disable(
+                f"CONFIG GET refused ({exc}); cannot tell whether keyspace notifications are on. "
+                f"Set notify-keyspace-events to include {FLAGS_NEW!r} (Redis 7+) and "
+                "SIDECAR_INDEX_MODE=index, or keep SCAN per request"
+            )
+            return None
+        for wanted, new_keys in ((FLAGS_NEW, True), (FLAGS_LEGACY, False)):
+            if not missing_flags(current, wanted):
+                self.disabled_reason = None
+                return self._events(new_keys)
+        if self._settings.redis_config_set:
+            for wanted, new_keys in ((FLAGS_NEW, True), (FLAGS_LEGACY, False)):
+                target = current + missing_flags(current, wanted)
+                try:
+                    await self._client.config_set("notify-keyspace-events", target)
+                except ResponseError:
+                    continue  # e.g. no `n` before Redis 7: try the legacy set
+                log.warning("set notify-keyspace-events %r -> %r (SIDECAR_REDIS_CONFIG_SET)", current, target)
+                self.disabled_reason = None
+                return self._events(new_keys)
+        wanted = current + missing_flags(current, FLAGS_NEW)
+        self._disable(
+            f"keyspace notifications are off (notify-keyspace-events={current!r}): "
+            f"set them with `CONFIG SET notify-keyspace-events {wanted}` (Redis 7+; "
+            f"Redis 6: add {missing_flags(current, FLAGS_LEGACY)!r}) or SIDECAR_REDIS_CONFIG_SET=true; "
+            "using SCAN per request until then"
+        )
+        return None
+
+    def _events(self, new_keys: bool) -> tuple[str, ...]:
+        created = ("new",) if new_keys else ("xadd", "set")
+        return (*created, "del", "unlink", "expired", "evicted", "rename_from", "rename_to")
+
+    def _disable(self, reason: str) -> None:
+        if reason != self.disabled_reason:
+            log.warning("live index off: %s", reason)
+        self.disabled_reason = reason
+        self.in_sync = False
+
+    async def _follow(self, events: tuple[str, ...]) -> None:
+        pubsub = self._client.pubsub()
+        resync: asyncio.Task[None] | None = None
+        try:
+            channels = [self._channel_prefix + e for e in events]
+            await pubsub.subscribe(*channels)
+            # redis-py reconnects and resubscribes silently; what was published in
+            # between is lost, so every reconnect must be followed by a re-seed.
+            connection = pubsub.connection
+            assert connection is not None
+            connection.register_connect_callback(self._on_reconnect)
+            # Wait for every confirmation: events published after it reach us, so
+            # nothing slips between the subscription and the seed SCAN.
+            confirmed = 0
+            while confirmed < len(channels):
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is not None and msg["type"] == "subscribe":
+                    confirmed += 1
+            resync = asyncio.create_task(self._resync())
+            next_resync = time.monotonic() + self._settings.index_resync_s
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is not None:
+                    self._on_event(msg["channel"], msg["data"])
+                self._last_heard = time.monotonic()  # the connection is alive and read
+                if self._reconnected:
+                    self._reconnected = False
+                    resync.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await resync
+                    resync = asyncio.create_task(self._resync())
+                if resync.done():
+                    resync.result()  # re-raise a failed SCAN: start over
+                    if time.monotonic() >= next_resync:
+                        resync = asyncio.create_task(self._resync())
+                        next_resync = time.monotonic() + self._settings.index_resync_s
+                self._metrics.index_runs.set(self.size)
+        finally:
+            if pubsub.connection is not None:
+                pubsub.connection.deregister_connect_callback(self._on_reconnect)
+            if resync is not None and not resync.done():
+                resync.cancel()  # a SCAN from before a disconnect must not mark us in sync
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _on_reconnect(self, connection: object) -> None:
+        log.warning("index subscriber reconnected: SCAN per request until re-seeded")
+        self.in_sync = False
+        self._reconnected = True
+
+    # -- events and scans ----------------------------------------------------
+
+    def _on_event(self, channel: bytes, key: bytes) -> None:
+        if not key.startswith(self._prefixes):
+            return  # the vast majority: keys that are not ours
+        event = channel.decode().removeprefix(self._channel_prefix)
+        text = decode_key(key)
+        parsed = self._schema.parse(text) if text is not None else None
+        if parsed is None:
+            return
+        conversation, run_id = parsed
+        bit = STREAM if text is not None and text.startswith(self._schema.stream_prefix + ":") else STATUS
+        if self._journal is not None:
+            self._journal.append((event, conversation, run_id, bit))
+        _apply(self._entries, event, conversation, run_id, bit)
+
+    async def _resync(self) -> None:
+        """One full SCAN of both prefixes, then replay what happened meanwhile, then swap."""
+        self._journal = []
+        try:
+            fresh: Entries = {}
+            for prefix, bit in ((self._schema.stream_prefix, STREAM), (self._schema.status_prefix, STATUS)):
+                async for raw in self._client.scan_iter(match=f"{prefix}:*", count=SCAN_COUNT):
+                    key = decode_key(raw)
+                    parsed = self._schema.parse(key) if key is not None else None
+                    if parsed is not None:
+                        _apply(fresh, "new", parsed[0], parsed[1], bit)
+            for event, conversation, run_id, bit in self._journal:
+                _apply(fresh, event, conversation, run_id, bit)
+        finally:
+            self._journal = None
+        self._entries = fresh
+        self.resyncs += 1
+        self._last_heard = time.monotonic()
+        self.in_sync = True
+        self.seeded.set()
+        self._metrics.index_runs.set(self.size)
+        log.info("index synced: %d runs", self.size)
+
+
+def _apply(entries: Entries, event: str, conversation: str, run_id: str, bit: int) -> None:
+    # `xadd`/`set` (legacy servers) also mean "this key exists now".
+    if event in ADD_EVENTS or event in ("xadd", "set"):
+        runs = entries.setdefault(conversation, {})
+        runs[run_id] = runs.get(run_id, 0) | bit
+    elif event in REMOVE_EVENTS:
+        known = entries.get(conversation)
+        if known is None or run_id not in known:
+            return
+        left = known[run_id] & ~bit
+        if left:
+            known[run_id] = left
+        else:
+            del known[run_id]
+            if not known:
+                del entries[conversation]
+
+
+class IndexedFinder:
+    """The index while it is in sync; a per-request SCAN otherwise, so answers stay right."""
+
+    def __init__(self, index: LiveIndex, fallback: ScanFinder):
+        self.index = index
+        self.fallback = fallback
+
+    async def run_ids(self, conversation_id: str) -> set[str]:
+        if self.index.in_sync:
+            return self.index.run_ids(conversation_id)
+        return await self.fallback.run_ids(conversation_id)

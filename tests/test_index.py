@@ -1,0 +1,252 @@
+"""The live index against a real Redis: creation, deletion, expiry, rename, a killed
+subscriber, a lost notification, missing flags; and the same answers as SCAN."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from session_sidecar.app import Sidecar
+from session_sidecar.index import LiveIndex, missing_flags
+from session_sidecar.settings import Settings
+from session_sidecar.simulator import BackendSimulator
+from tests.conftest import Api, open_api
+
+CONV = "conv-idx"
+
+
+async def wait_for(check: Callable[[], bool | Awaitable[bool]], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result if isinstance(result, bool) else await result:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+async def indexed(make_settings: Callable[..., Settings], redis_client: aioredis.Redis) -> AsyncIterator[Api]:
+    async for api in open_api(make_settings(index_mode="index", index_resync_s=3600)):
+        await wait_for(lambda: index_of(api).in_sync)
+        yield api
+
+
+def index_of(api: Api) -> LiveIndex:
+    index = api.app.state.sidecar.index
+    assert isinstance(index, LiveIndex)
+    return index
+
+
+async def test_creation_deletion_and_partial_removal(indexed: Api, sim: BackendSimulator) -> None:
+    index = index_of(indexed)
+    run_id = await sim.full_run(CONV, "alice", "m", status=None)
+    await wait_for(lambda: index.run_ids(CONV) == {run_id})
+    assert (await indexed.get(CONV, "active-session")).json()["sessionId"] == run_id
+
+    await sim.client.delete(sim.stream_key(CONV, run_id))
+    await asyncio.sleep(0.1)
+    assert index.run_ids(CONV) == {run_id}  # the status key still names it
+    await sim.client.delete(sim.status_key(CONV, run_id))
+    await wait_for(lambda: index.run_ids(CONV) == set())
+    assert (await indexed.get(CONV, "active-session")).status_code == 404
+
+
+async def test_expiry_and_rename(indexed: Api, sim: BackendSimulator) -> None:
+    index = index_of(indexed)
+    run_id = await sim.full_run(CONV, "alice", "m", status=None)
+    await wait_for(lambda: index.run_ids(CONV) == {run_id})
+    await sim.client.pexpire(sim.stream_key(CONV, run_id), 50)
+    await sim.client.pexpire(sim.status_key(CONV, run_id), 50)
+    await wait_for(lambda: index.run_ids(CONV) == set())
+
+    other = await sim.full_run(CONV, "alice", "n", status=None)
+    await sim.client.rename(sim.stream_key(CONV, other), sim.stream_key("conv-moved", other))
+    await sim.client.delete(sim.status_key(CONV, other))
+    await wait_for(lambda: index.run_ids(CONV) == set() and index.run_ids("conv-moved") == {other})
+
+
+async def test_unrelated_keys_stay_out(indexed: Api, redis_client: aioredis.Redis) -> None:
+    for i in range(50):
+        await redis_client.set(f"celery-task-meta-{i}", "x")
+        await redis_client.xadd(f"other:stream:{i}", {"a": "b"})
+    await redis_client.set("chat:streamer:x:y", "not ours")
+    await asyncio.sleep(0.2)
+    assert index_of(indexed).size == 0
+
+
+async def test_killed_subscriber_reseeds(
+    indexed: Api, sim: BackendSimulator, redis_client: aioredis.Redis
+) -> None:
+    index = index_of(indexed)
+    before = index.resyncs
+    assert await redis_client.client_kill_filter(_type="pubsub") == 1
+    # A run written right after the kill: its notification may be lost, the re-seed finds it.
+    run_id = await sim.full_run(CONV, "alice", "during-gap", status=None)
+    await wait_for(lambda: index.resyncs > before and index.in_sync, timeout_s=10)
+    assert index.run_ids(CONV) == {run_id}
+    assert (await indexed.get(CONV, "active-session")).json()["sessionId"] == run_id
+    later = await sim.full_run(CONV, "alice", "after", status=None)
+    await wait_for(lambda: later in index.run_ids(CONV))
+
+
+async def test_lost_notification_repaired_by_anti_entropy(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis, sim: BackendSimulator
+) -> None:
+    async for api in open_api(make_settings(index_mode="index", index_resync_s=1)):
+        index = index_of(api)
+        await wait_for(lambda: index.in_sync)
+        flags: Any = await redis_client.config_get("notify-keyspace-events")
+        await redis_client.config_set("notify-keyspace-events", "")
+        try:
+            run_id = await sim.full_run(CONV, "alice", "silent", status=None)
+        finally:
+            await redis_client.config_set("notify-keyspace-events", flags["notify-keyspace-events"])
+        assert index.run_ids(CONV) == set()  # never notified
+        await wait_for(lambda: index.run_ids(CONV) == {run_id}, timeout_s=5)
+        assert (await api.get(CONV, "active-session")).json()["sessionId"] == run_id
+
+
+async def test_missing_flags_auto_falls_back_to_scan_and_says_which(
+    make_settings: Callable[..., Settings],
+    redis_client: aioredis.Redis,
+    sim: BackendSimulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await redis_client.config_set("notify-keyspace-events", "Kl")
+    try:
+        run_id = await sim.full_run(CONV, "alice", "m", status=None)
+        with caplog.at_level(logging.WARNING, logger="session_sidecar.index"):
+            async for api in open_api(make_settings(index_mode="auto")):
+                index = index_of(api)
+                await wait_for(lambda: index.disabled_reason is not None)
+                assert "CONFIG SET notify-keyspace-events lKEgxn" in caplog.text
+                assert (await api.client.get("/readyz")).status_code == 200
+                assert (await api.get(CONV, "active-session")).json()["sessionId"] == run_id
+        assert (await redis_client.config_get("notify-keyspace-events"))["notify-keyspace-events"] == "lK"
+    finally:
+        await redis_client.config_set("notify-keyspace-events", "Eg$xtn")
+
+
+async def test_missing_flags_added_only_when_allowed_keeping_existing(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis
+) -> None:
+    await redis_client.config_set("notify-keyspace-events", "Kl")
+    try:
+        async for api in open_api(make_settings(index_mode="auto", redis_config_set=True)):
+            await wait_for(lambda: index_of(api).in_sync)
+            flags: Any = await redis_client.config_get("notify-keyspace-events")
+            assert set(flags["notify-keyspace-events"]) >= set("KlEgxn")
+    finally:
+        await redis_client.config_set("notify-keyspace-events", "Eg$xtn")
+
+
+async def test_index_mode_without_flags_is_not_ready(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis
+) -> None:
+    await redis_client.config_set("notify-keyspace-events", "")
+    try:
+        async for api in open_api(make_settings(index_mode="index")):
+            await wait_for(lambda: index_of(api).disabled_reason is not None)
+            readyz = await api.client.get("/readyz")
+            assert readyz.status_code == 503 and readyz.json()["reason"] == "live index not seeded yet"
+    finally:
+        await redis_client.config_set("notify-keyspace-events", "Eg$xtn")
+
+
+async def test_not_ready_until_seeded(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis
+) -> None:
+    sidecar = Sidecar(make_settings(index_mode="index"))
+    try:
+        assert await sidecar.not_ready_reason() == "live index not seeded yet"
+        await sidecar.start()
+        assert sidecar.index is not None
+        await asyncio.wait_for(sidecar.index.seeded.wait(), 5)
+        assert await sidecar.not_ready_reason() is None
+    finally:
+        await sidecar.close()
+
+
+def test_missing_flags() -> None:
+    assert missing_flags("", "Egxn") == "Egxn"
+    assert missing_flags("AE", "Egxn") == "n"  # A = g$lshzxetd, without n
+    assert missing_flags("gxE$tn", "Egxn") == ""
+
+
+# -- index and SCAN give the same answers over generated histories ----------------
+
+USERS = ("alice", "bob")
+CONVS = ("c-1", "c-2", "c-3")
+op = st.tuples(
+    st.sampled_from(("run", "run", "end", "cancel-old", "del-stream", "del-status", "expire")),
+    st.sampled_from(CONVS),
+    st.sampled_from(USERS),
+    st.integers(min_value=0, max_value=3),
+    st.integers(min_value=0, max_value=30),  # minutes ago
+)
+
+
+async def _apply_history(
+    sim: BackendSimulator, old: BackendSimulator, ops: list[tuple[str, str, str, int, int]]
+) -> None:
+    now = int(time.time() * 1000)
+    runs: list[tuple[str, str]] = []
+    for kind, conv, user, n, ago in ops:
+        start = now - ago * 60_000
+        if kind == "run":
+            runs.append(
+                (conv, await sim.full_run(conv, user, f"m{n}", chunks=n, status=None, start_ms=start))
+            )
+        elif not runs:
+            continue
+        elif kind == "end":
+            await sim.end(*runs[n % len(runs)], "completed")
+        elif kind == "cancel-old":
+            runs.append(
+                (conv, await old.full_run(conv, user, f"o{n}", chunks=1, status="cancelled", start_ms=start))
+            )
+        elif kind == "del-stream":
+            await sim.client.delete(sim.stream_key(*runs[n % len(runs)]))
+        elif kind == "del-status":
+            await sim.client.delete(sim.status_key(*runs[n % len(runs)]))
+        elif kind == "expire":
+            await sim.client.pexpire(sim.stream_key(*runs[n % len(runs)]), 1)
+
+
+@hsettings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops=st.lists(op, min_size=1, max_size=12))
+async def test_index_and_scan_answer_alike(
+    make_settings: Callable[..., Settings], redis_url: str, ops: list[Any]
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    sim, old = BackendSimulator(client), BackendSimulator(client, old_backend=True)
+    try:
+        async for indexed in open_api(make_settings(index_mode="index", index_resync_s=3600)):
+            await wait_for(lambda: index_of(indexed).in_sync)
+            await _apply_history(sim, old, ops)
+            # Notifications arrive in order: once this one is seen, all before it were.
+            await sim.full_run("sync-marker", "alice", "m", chunks=0)
+            await wait_for(lambda: bool(index_of(indexed).run_ids("sync-marker")))
+            await asyncio.sleep(0.05)  # let `expire`d keys be reaped by Redis
+            async for scanned in open_api(make_settings(index_mode="scan")):
+                for conv in CONVS:
+                    for user in USERS:
+                        a = await indexed.get(conv, "active-session", user=user)
+                        b = await scanned.get(conv, "active-session", user=user)
+                        assert a.status_code == b.status_code
+                        if a.status_code == 200:
+                            fields = ("sessionId", "status", "cursor")
+                            assert [a.json()[f] for f in fields] == [b.json()[f] for f in fields]
+    finally:
+        await client.aclose()
