@@ -34,11 +34,14 @@ def find_server_binary() -> str | None:
     return path if path and os.access(path, os.X_OK) else None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(below: int = 65536) -> int:
+    """A free loopback port; `below` leaves room, e.g. for a cluster bus port at +10000."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port < below:
+            return port
 
 
 def _die_with_parent() -> None:
@@ -90,17 +93,17 @@ class EmbeddedRedis:
             "--notify-keyspace-events", self.notify_flags,
             *self.extra_args,
         ]  # fmt: skip
-        self._proc = subprocess.Popen(
-            args,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
+        log_path = os.path.join(self._dir.name, "server.log")
+        with open(log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"{self.binary} exited at start: {err.strip()[-500:]}")
+                with open(log_path, errors="replace") as log:
+                    tail = log.read()[-500:].strip()
+                raise RuntimeError(f"{self.binary} exited at start: {tail}")
             if self._answers_ping():
                 return self
             time.sleep(0.02)
@@ -127,8 +130,6 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
     def close(self) -> None:
         self.stop()

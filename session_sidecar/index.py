@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from typing import Any
@@ -25,9 +26,10 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from session_sidecar.derive import RunFacts
 from session_sidecar.observability import Metrics
 from session_sidecar.settings import Settings
-from session_sidecar.store import SCAN_COUNT, KeySchema, RedisClient, ScanFinder, decode_key
+from session_sidecar.store import SCAN_COUNT, Found, KeySchema, RedisClient, ScanFinder, decode_key
 
 log = logging.getLogger("session_sidecar.index")
 
@@ -40,7 +42,22 @@ FLAGS_NEW = "Egxn"
 FLAGS_LEGACY = "Eg$xt"
 _ALIASES = {"A": "g$lshzxetd"}
 
-Entries = dict[str, dict[str, int]]  # conversation -> run id -> STREAM|STATUS bits
+
+
+class Conversation:
+    """One conversation's runs: which keys exist, and the facts of runs that ended."""
+
+    __slots__ = ("ended", "epoch", "runs")
+
+    def __init__(self) -> None:
+        self.runs: dict[str, int] = {}  # run id -> STREAM|STATUS bits
+        # Facts of runs whose stream ends with `end`: a stream event for the run drops them.
+        self.ended: dict[str, RunFacts] = {}
+        self.epoch = next(_epochs)  # moves on every stream event: a read that raced one is not kept
+
+
+Entries = dict[str, Conversation]
+_epochs = itertools.count(1)
 
 
 def _expand(flags: str) -> set[str]:
@@ -78,11 +95,26 @@ class LiveIndex:
     # -- queries -------------------------------------------------------------
 
     def run_ids(self, conversation_id: str) -> set[str]:
-        return set(self._entries.get(conversation_id, ()))
+        conversation = self._entries.get(conversation_id)
+        return set(conversation.runs) if conversation else set()
+
+    def find(self, conversation_id: str) -> Found:
+        conversation = self._entries.get(conversation_id)
+        if conversation is None:
+            return Found(frozenset())
+        return Found(frozenset(conversation.runs), dict(conversation.ended), conversation.epoch)
+
+    def remember_ended(self, conversation_id: str, facts: list[RunFacts], epoch: int) -> None:
+        conversation = self._entries.get(conversation_id)
+        if not facts or conversation is None or conversation.epoch != epoch or not self.in_sync:
+            return
+        for fact in facts:
+            if conversation.runs.get(fact.run_id, 0) & STREAM:
+                conversation.ended[fact.run_id] = fact
 
     @property
     def size(self) -> int:
-        return sum(len(runs) for runs in self._entries.values())
+        return sum(len(conversation.runs) for conversation in self._entries.values())
 
     def lag_s(self) -> float:
         return time.monotonic() - self._last_heard if self._last_heard else float("inf")
@@ -261,22 +293,28 @@ class LiveIndex:
         log.info("index synced: %d runs", self.size)
 
 
-def _apply(entries: Entries, event: str, conversation: str, run_id: str, bit: int) -> None:
-    # `xadd`/`set` (legacy servers) also mean "this key exists now".
+def _apply(entries: Entries, event: str, conversation_id: str, run_id: str, bit: int) -> None:
+    conversation = entries.get(conversation_id)
+    # `xadd`/`set` (servers without `new`) also mean "this key exists now".
     if event in ADD_EVENTS or event in ("xadd", "set"):
-        runs = entries.setdefault(conversation, {})
-        runs[run_id] = runs.get(run_id, 0) | bit
+        if conversation is None:
+            conversation = entries[conversation_id] = Conversation()
+        conversation.runs[run_id] = conversation.runs.get(run_id, 0) | bit
     elif event in REMOVE_EVENTS:
-        known = entries.get(conversation)
-        if known is None or run_id not in known:
+        if conversation is None or run_id not in conversation.runs:
             return
-        left = known[run_id] & ~bit
+        left = conversation.runs[run_id] & ~bit
         if left:
-            known[run_id] = left
+            conversation.runs[run_id] = left
         else:
-            del known[run_id]
-            if not known:
-                del entries[conversation]
+            del conversation.runs[run_id]
+            if not conversation.runs:
+                del entries[conversation_id]
+    else:
+        return
+    if bit == STREAM:
+        conversation.ended.pop(run_id, None)
+        conversation.epoch = next(_epochs)
 
 
 class IndexedFinder:
@@ -286,7 +324,10 @@ class IndexedFinder:
         self.index = index
         self.fallback = fallback
 
-    async def run_ids(self, conversation_id: str) -> set[str]:
+    async def find(self, conversation_id: str) -> Found:
         if self.index.in_sync:
-            return self.index.run_ids(conversation_id)
-        return await self.fallback.run_ids(conversation_id)
+            return self.index.find(conversation_id)
+        return await self.fallback.find(conversation_id)
+
+    def remember_ended(self, conversation_id: str, facts: list[RunFacts], epoch: int) -> None:
+        self.index.remember_ended(conversation_id, facts, epoch)

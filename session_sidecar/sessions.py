@@ -46,8 +46,15 @@ class SessionService:
     async def lookup(self, conversation_id: str, visible: RunFilter) -> Lookup | None:
         """The chosen visible run, or None when the caller can see no run of this conversation."""
         async with budget(self.timeout_s):
-            run_ids = [r for r in await self.finder.run_ids(conversation_id) if visible(r)]
-            facts = await read_facts(self.client, self.schema, conversation_id, run_ids)
+            found = await self.finder.find(conversation_id)
+            run_ids = [r for r in found.run_ids if visible(r)]
+            to_read = [r for r in run_ids if r not in found.ended]
+            facts = await read_facts(self.client, self.schema, conversation_id, to_read)
+        # A run whose stream ends with `end` no longer changes: the finder may keep its facts.
+        self.finder.remember_ended(
+            conversation_id, [f for f in facts if f.last_entry_type == "end"], found.epoch
+        )
+        facts.extend(found.ended[r] for r in run_ids if r in found.ended)
         now_ms = int(time.time() * 1000)
         views = []
         for fact in facts:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -110,10 +111,20 @@ async def budget(timeout_s: float) -> AsyncIterator[None]:
         raise Unavailable("Session store unavailable", reason="redis_error") from None
 
 
+class Found(msgspec.Struct, frozen=True):
+    """A conversation's run ids, with the facts of runs that ended when they are known."""
+
+    run_ids: frozenset[str]
+    ended: dict[str, RunFacts] = msgspec.field(default_factory=dict)
+    epoch: int = 0  # hand back to `remember_ended`, which ignores it if anything changed since
+
+
 class RunFinder(Protocol):
     """Finds the run ids a conversation has keys for; the facts are read separately."""
 
-    async def run_ids(self, conversation_id: str) -> set[str]: ...
+    async def find(self, conversation_id: str) -> Found: ...
+
+    def remember_ended(self, conversation_id: str, facts: list[RunFacts], epoch: int) -> None: ...
 
 
 class ScanFinder:
@@ -122,6 +133,12 @@ class ScanFinder:
     def __init__(self, client: RedisClient, schema: KeySchema):
         self._client = client
         self._schema = schema
+
+    async def find(self, conversation_id: str) -> Found:
+        return Found(frozenset(await self.run_ids(conversation_id)))
+
+    def remember_ended(self, conversation_id: str, facts: list[RunFacts], epoch: int) -> None:
+        return None  # nothing tells a SCAN that a stream changed: read every time
 
     async def run_ids(self, conversation_id: str) -> set[str]:
         patterns = self._schema.match_patterns(conversation_id)

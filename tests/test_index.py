@@ -19,6 +19,7 @@ from session_sidecar.app import Sidecar
 from session_sidecar.index import LiveIndex, missing_flags
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
+from session_sidecar.store import KeySchema, read_facts
 from tests.conftest import Api, open_api
 
 CONV = "conv-idx"
@@ -177,6 +178,47 @@ async def test_not_ready_until_seeded(
         await sidecar.close()
 
 
+async def test_ended_runs_are_read_once_until_their_stream_changes(
+    indexed: Api, sim: BackendSimulator, redis_client: aioredis.Redis
+) -> None:
+    index = index_of(indexed)
+    start = int(time.time() * 1000) - 60_000
+    ended = await sim.full_run(CONV, "alice", "m", chunks=1, start_ms=start)
+    await wait_for(lambda: index.run_ids(CONV) == {ended})
+    assert (await indexed.get(CONV, "active-session")).json()["status"] == "completed"
+    assert set(index.find(CONV).ended) == {ended}
+    before = await _xrange_calls(redis_client)
+    body = (await indexed.get(CONV, "active-session")).json()
+    assert body["sessionId"] == ended and body["status"] == "completed"
+    assert await _xrange_calls(redis_client) == before  # served from the cache
+
+    # The stream is deleted and written again under the same id: the cache must not answer.
+    await redis_client.delete(sim.stream_key(CONV, ended))
+    await sim.start(CONV, ended)
+    await wait_for(lambda: not index.find(CONV).ended)
+    body = (await indexed.get(CONV, "active-session")).json()
+    assert body["status"] == "active" and body["startedAt"] > start
+
+
+async def test_a_read_that_raced_a_stream_event_is_not_kept(indexed: Api, sim: BackendSimulator) -> None:
+    index = index_of(indexed)
+    ended = await sim.full_run(CONV, "alice", "m", chunks=1)
+    await wait_for(lambda: index.run_ids(CONV) == {ended})
+    found = index.find(CONV)
+    facts = await read_facts(sim.client, KeySchema("chat:stream"), CONV, [ended])
+    other = await sim.full_run(CONV, "alice", "n", chunks=1)  # a stream event in between
+    await wait_for(lambda: other in index.run_ids(CONV))
+    index.remember_ended(CONV, facts, found.epoch)
+    assert index.find(CONV).ended == {}
+    index.remember_ended(CONV, facts, index.find(CONV).epoch)
+    assert set(index.find(CONV).ended) == {ended}
+
+
+async def _xrange_calls(client: aioredis.Redis) -> int:
+    stats: Any = await client.info("commandstats")
+    return int(sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("xrange", "xrevrange")))
+
+
 def test_missing_flags() -> None:
     assert missing_flags("", "Egxn") == "Egxn"
     assert missing_flags("AE", "Egxn") == "n"  # A = g$lshzxetd, without n
@@ -197,11 +239,12 @@ op = st.tuples(
 
 
 async def _apply_history(
-    sim: BackendSimulator, old: BackendSimulator, ops: list[tuple[str, str, str, int, int]]
+    sim: BackendSimulator, old: BackendSimulator, ops: list[tuple[str, str, str, int, int]], poll: Api
 ) -> None:
     now = int(time.time() * 1000)
     runs: list[tuple[str, str]] = []
     for kind, conv, user, n, ago in ops:
+        await poll.get(conv, "active-session", user=user)  # fills the ended-run cache mid-history
         start = now - ago * 60_000
         if kind == "run":
             runs.append(
@@ -234,7 +277,7 @@ async def test_index_and_scan_answer_alike(
     try:
         async for indexed in open_api(make_settings(index_mode="index", index_resync_s=3600)):
             await wait_for(lambda: index_of(indexed).in_sync)
-            await _apply_history(sim, old, ops)
+            await _apply_history(sim, old, ops, indexed)
             # Notifications arrive in order: once this one is seen, all before it were.
             await sim.full_run("sync-marker", "alice", "m", chunks=0)
             await wait_for(lambda: bool(index_of(indexed).run_ids("sync-marker")))

@@ -90,7 +90,8 @@ async def test_redis_cluster_uses_scan_on_every_node(make_settings: Callable[...
     redis_cli = shutil.which("redis-cli")
     assert redis_cli, "redis-cli is needed to form a cluster (CI installs redis-server with it)"
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-    nodes = [EmbeddedRedis(extra_args=args).start() for _ in range(3)]
+    # A cluster node also listens on port + 10000 (the cluster bus).
+    nodes = [EmbeddedRedis(free_port(below=55536), extra_args=args).start() for _ in range(3)]
     try:
         subprocess.run(  # noqa: ASYNC221 - a one-off set-up step
             [redis_cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
