@@ -38,6 +38,7 @@ class RunFacts(msgspec.Struct, frozen=True):
     last_entry_type: str | None = None
     status: str | None = None  # None: the status key is absent (expired)
     status_pttl_ms: int | None = None  # remaining TTL; None when absent or persistent
+    stream_length: int = 0  # XLEN: tells whether the stream of an ended run changed since
 
 
 class RunView(msgspec.Struct, frozen=True):

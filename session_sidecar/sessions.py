@@ -48,13 +48,12 @@ class SessionService:
         async with budget(self.timeout_s):
             found = await self.finder.find(conversation_id)
             run_ids = [r for r in found.run_ids if visible(r)]
-            to_read = [r for r in run_ids if r not in found.ended]
-            facts = await read_facts(self.client, self.schema, conversation_id, to_read)
-        # A run whose stream ends with `end` no longer changes: the finder may keep its facts.
-        self.finder.remember_ended(
-            conversation_id, [f for f in facts if f.last_entry_type == "end"], found.epoch
-        )
-        facts.extend(found.ended[r] for r in run_ids if r in found.ended)
+            known = {r: found.ended[r] for r in run_ids if r in found.ended}
+            to_read = [r for r in run_ids if r not in known]
+            facts = await read_facts(self.client, self.schema, conversation_id, to_read, known)
+        # A run whose stream ends with `end` stops changing: the finder may keep its facts.
+        fresh_ended = [f for f in facts if f.last_entry_type == "end" and f is not known.get(f.run_id)]
+        self.finder.remember_ended(conversation_id, fresh_ended, found.epoch)
         now_ms = int(time.time() * 1000)
         views = []
         for fact in facts:

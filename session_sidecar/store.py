@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -167,11 +167,20 @@ def decode_key(raw: bytes | str) -> str | None:
 
 
 async def read_facts(
-    client: RedisClient, schema: KeySchema, conversation_id: str, run_ids: Iterable[str]
+    client: RedisClient,
+    schema: KeySchema,
+    conversation_id: str,
+    run_ids: Iterable[str],
+    known: Mapping[str, RunFacts] | None = None,
 ) -> list[RunFacts]:
-    """Every candidate's facts in one pipelined round trip: first/last entry, status, PTTL."""
+    """Every run's facts in one pipelined round trip: first/last entry, length, status, PTTL.
+
+    `known` holds facts of runs that ended: each costs one XLEN instead, and is
+    read again only if its stream's length moved (something was appended or trimmed).
+    """
     ordered = sorted(run_ids)
-    if not ordered:
+    kept = sorted(known or ())
+    if not ordered and not kept:
         return []
     pipe = client.pipeline(transaction=False)
     for run_id in ordered:
@@ -179,12 +188,15 @@ async def read_facts(
         status = schema.status_key(conversation_id, run_id)
         pipe.xrange(stream, "-", "+", count=1)
         pipe.xrevrange(stream, "+", "-", count=1)
+        pipe.xlen(stream)
         pipe.get(status)
         pipe.pttl(status)
+    for run_id in kept:
+        pipe.xlen(schema.stream_key(conversation_id, run_id))
     replies = await pipe.execute(raise_on_error=False)
     facts = []
     for i, run_id in enumerate(ordered):
-        first, last, status, pttl = replies[4 * i : 4 * i + 4]
+        first, last, length, status, pttl = replies[5 * i : 5 * i + 5]
         first_id, first_type = _entry(first, conversation_id, run_id)
         last_id, last_type = _entry(last, conversation_id, run_id)
         facts.append(
@@ -196,8 +208,18 @@ async def read_facts(
                 last_entry_type=last_type,
                 status=_status(status, conversation_id, run_id),
                 status_pttl_ms=pttl if isinstance(pttl, int) and pttl >= 0 else None,
+                stream_length=length if isinstance(length, int) else 0,
             )
         )
+    changed = []
+    for run_id, length in zip(kept, replies[5 * len(ordered) :], strict=True):
+        assert known is not None
+        if length == known[run_id].stream_length:
+            facts.append(known[run_id])
+        else:
+            changed.append(run_id)
+    if changed:
+        facts.extend(await read_facts(client, schema, conversation_id, changed))
     return facts
 
 

@@ -200,6 +200,18 @@ async def test_ended_runs_are_read_once_until_their_stream_changes(
     assert body["status"] == "active" and body["startedAt"] > start
 
 
+async def test_an_entry_appended_after_end_is_seen(indexed: Api, sim: BackendSimulator) -> None:
+    # No key event reports an append to an existing stream; the cached run's XLEN does.
+    index = index_of(indexed)
+    ended = await sim.full_run(CONV, "alice", "m", chunks=1)
+    await wait_for(lambda: index.run_ids(CONV) == {ended})
+    await indexed.get(CONV, "active-session")
+    assert set(index.find(CONV).ended) == {ended}
+    later = await sim.xadd(CONV, ended, "usage_report", {"usage_json": "{}"})
+    body = (await indexed.get(CONV, "active-session")).json()
+    assert body["cursor"] == later and body["status"] == "completed"  # finished by its status
+
+
 async def test_a_read_that_raced_a_stream_event_is_not_kept(indexed: Api, sim: BackendSimulator) -> None:
     index = index_of(indexed)
     ended = await sim.full_run(CONV, "alice", "m", chunks=1)
