@@ -44,9 +44,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     jwt_audience: str | None = None
     jwt_leeway_s: int = 10
     jwt_user_claims: str = "user_id,sub"
+    token_cache_size: int = 10000
+    jwks_min_refetch_s: float = 10.0
+    jwks_timeout_ms: int = 3000
     access_policy: AccessPolicyName = "run-owner"
     backend_url: str | None = None
     access_cache_ttl_s: int = 30
+    access_cache_size: int = 10000
+    backend_timeout_ms: int = 2000
     conversation_id_pattern: str = DEFAULT_CONVERSATION_ID_PATTERN
     stale_after_s: int = 600
     default_duration_s: int = 60
@@ -107,9 +112,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if url.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("SIDECAR_REDIS_URL must start with redis://, rediss:// or unix://")
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
-            raise ConfigError(
-                "SIDECAR_REDIS_SENTINELS and SIDECAR_REDIS_SENTINEL_MASTER go together"
-            )
+            raise ConfigError("SIDECAR_REDIS_SENTINELS and SIDECAR_REDIS_SENTINEL_MASTER go together")
         if not self.api_prefix.startswith("/") or self.api_prefix.endswith("/"):
             raise ConfigError("SIDECAR_API_PREFIX must start with '/' and not end with one")
         try:
@@ -125,6 +128,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("SIDECAR_DEFAULT_DURATION_S", self.default_duration_s),
             ("SIDECAR_STATUS_TTL_S", self.status_ttl_s),
             ("SIDECAR_INDEX_RESYNC_S", self.index_resync_s),
+            ("SIDECAR_JWKS_TIMEOUT_MS", self.jwks_timeout_ms),
+            ("SIDECAR_BACKEND_TIMEOUT_MS", self.backend_timeout_ms),
         ):
             if value <= 0:
                 raise ConfigError(f"{var} must be a positive number, got {value}")
@@ -132,6 +137,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(f"SIDECAR_PORT must be at most 65535, got {self.port}")
         if self.access_cache_ttl_s < 0 or self.jwt_leeway_s < 0:
             raise ConfigError("SIDECAR_ACCESS_CACHE_TTL_S and SIDECAR_JWT_LEEWAY_S must be >= 0")
+        if self.token_cache_size < 0 or self.access_cache_size < 0 or self.jwks_min_refetch_s < 0:
+            raise ConfigError(
+                "SIDECAR_TOKEN_CACHE_SIZE, SIDECAR_ACCESS_CACHE_SIZE and "
+                "SIDECAR_JWKS_MIN_REFETCH_S must be >= 0"
+            )
         if not self.user_claims:
             raise ConfigError("SIDECAR_JWT_USER_CLAIMS must name at least one claim")
         if self.access_policy == "backend" and not self.backend_url:
@@ -168,9 +178,14 @@ ENV_VARS: dict[str, str] = {
     "SIDECAR_JWT_AUDIENCE": "jwt_audience",
     "SIDECAR_JWT_LEEWAY_S": "jwt_leeway_s",
     "SIDECAR_JWT_USER_CLAIMS": "jwt_user_claims",
+    "SIDECAR_TOKEN_CACHE_SIZE": "token_cache_size",
+    "SIDECAR_JWKS_MIN_REFETCH_S": "jwks_min_refetch_s",
+    "SIDECAR_JWKS_TIMEOUT_MS": "jwks_timeout_ms",
     "SIDECAR_ACCESS_POLICY": "access_policy",
     "SIDECAR_BACKEND_URL": "backend_url",
     "SIDECAR_ACCESS_CACHE_TTL_S": "access_cache_ttl_s",
+    "SIDECAR_ACCESS_CACHE_SIZE": "access_cache_size",
+    "SIDECAR_BACKEND_TIMEOUT_MS": "backend_timeout_ms",
     "SIDECAR_CONVERSATION_ID_PATTERN": "conversation_id_pattern",
     "SIDECAR_STALE_AFTER_S": "stale_after_s",
     "SIDECAR_DEFAULT_DURATION_S": "default_duration_s",

@@ -196,6 +196,13 @@ async def test_user_prefix_is_matched_with_its_colon(api: Api, sim: BackendSimul
     assert (await api.get(CONV, "active-session", user="alice")).status_code == 404
 
 
+async def test_user_ids_with_colons_cannot_alias_another_user(api: Api, sim: BackendSimulator) -> None:
+    await sim.full_run(CONV, "alice:admin", "m1", status=None)  # user `alice:admin`'s run
+    assert (await api.get(CONV, "active-session", user="alice")).status_code == 404
+    body = (await api.get(CONV, "active-session", user="alice:admin")).json()
+    assert body["sessionId"] == "conversation:alice:admin:m1"
+
+
 async def test_other_conversation_never_answers(api: Api, sim: BackendSimulator) -> None:
     await sim.full_run("other-conv", "alice", "m", status=None)
     await sim.full_run(f"{CONV}x", "alice", "m", status=None)
