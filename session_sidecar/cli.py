@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -43,7 +44,13 @@ def serve(settings: Settings) -> int:
 
     configure_logging(settings.log_level)
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
-    server.run()
+    # uvicorn re-raises the signal it stopped on once it has drained. SIGTERM is how an
+    # orchestrator asks for a normal stop, so after a clean drain the exit status is 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1
 
 

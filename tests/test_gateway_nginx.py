@@ -1,0 +1,609 @@
+"""The reference gateway (deploy/nginx/sidecar-gateway.conf) under real nginx.
+
+One stack per module, all on loopback:
+
+* the real sidecar app (`create_app`, HS256 tokens, the session Redis),
+  served by uvicorn in a thread and wrapped in a recorder that notes every
+  path it is asked for;
+* a stub backend (stdlib HTTP server) that echoes what it received as JSON
+  and has one streaming endpoint;
+* nginx (Debian package), run as the current user, with a generated top-level
+  nginx.conf that defines the two upstream groups the gateway file expects
+  and `include`s the repository file itself, unchanged.
+
+The only thing the test supplies is what the gateway file leaves to its
+includer: the `listen` address and the addresses of the upstream groups
+`session_sidecar` and `chat_backend`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import redis
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from session_sidecar.app import create_app
+from session_sidecar.embedded import free_port
+from session_sidecar.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+GATEWAY_CONF = REPO / "deploy" / "nginx" / "sidecar-gateway.conf"
+PREFIX = "/api/v1"
+OPERATIONAL = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+CANONICAL_SIDECAR_PATH = re.compile(r"/api/v1/conversations/[A-Za-z0-9._-]+/(active-session|task-status)")
+CONVERSATION = "gw-conv-1"
+RUN_ID = "conversation:alice:msg-gw"
+SECRET = "gateway-test-secret-long-enough-for-hs256"
+BLOCK = b"x" * (1 << 20)
+DOWNLOAD_BLOCKS = 128
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if not found:
+        pytest.fail("nginx is not installed: `apt-get install nginx` (Debian package; .ci/run installs it)")
+    return found
+
+
+# --- the sidecar, recorded ------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    path: str
+    raw_path: bytes
+    headers: dict[str, str]
+
+
+class Recorder:
+    """ASGI wrapper: remembers every HTTP request the sidecar receives."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.seen: list[Seen] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            self.seen.append(Seen(scope["path"], scope.get("raw_path") or b"", headers))
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class Sidecar:
+    port: int
+    recorder: Recorder
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+def start_sidecar(redis_url: str) -> Sidecar:
+    settings = Settings.from_env({"SIDECAR_REDIS_URL": redis_url, "SIDECAR_JWT_SECRET": SECRET})
+    recorder = Recorder(create_app(settings))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    config = uvicorn.Config(recorder, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the sidecar did not start")
+        time.sleep(0.02)
+    return Sidecar(port, recorder, server, thread)
+
+
+# --- the stub backend ---------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    server: ThreadingHTTPServer
+    port: int
+    seen: list[str] = field(default_factory=list)
+    # The streaming endpoint sends its first event, then waits for this before the last one.
+    release: threading.Event = field(default_factory=threading.Event)
+    sent_last: threading.Event = field(default_factory=threading.Event)
+    download_done: threading.Event = field(default_factory=threading.Event)
+
+
+def start_backend() -> Backend:
+    holder: list[Backend] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            backend = holder[0]
+            backend.seen.append(self.path)
+            if self.path.endswith("/stream/"):
+                self._stream(backend)
+                return
+            if self.path.endswith("/download/"):
+                self._download(backend)
+                return
+            connection = self.headers.get("Connection", "").lower()
+            if self.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection:
+                self._upgrade()
+                return
+            body = json.dumps(
+                {
+                    "who": "backend",
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _stream(self, backend: Backend) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            # A gateway that honoured this would buffer: the reference config must ignore it.
+            self.send_header("X-Accel-Buffering", "yes")
+            self.end_headers()
+            self._chunk(b"data: first\n\n")
+            backend.release.wait(timeout=10)
+            self._chunk(b"data: last\n\n")
+            backend.sent_last.set()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+        def _download(self, backend: Backend) -> None:
+            # More than a gateway that buffers would keep in memory and on disk without blinking,
+            # far more than the socket buffers between here and a client that does not read.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(DOWNLOAD_BLOCKS * len(BLOCK)))
+            self.send_header("X-Accel-Buffering", "yes")
+            self.end_headers()
+            try:
+                for _ in range(DOWNLOAD_BLOCKS):
+                    self.wfile.write(BLOCK)
+                self.wfile.flush()
+                backend.download_done.set()
+            except OSError:
+                pass  # the client hung up, as the test does
+
+        def _upgrade(self) -> None:
+            # Not a WebSocket implementation: the protocol switch, then an echo of one line.
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.write(self.rfile.readline())
+            self.wfile.flush()
+            self.close_connection = True
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    backend = Backend(server, server.server_address[1])
+    holder.append(backend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return backend
+
+
+# --- nginx --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Nginx:
+    port: int
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err.decode(errors="replace")
+
+
+def top_level_conf(workdir: Path, port: int, sidecar: str, backend: str) -> str:
+    """The includer's part: temp paths a non-root nginx can write, the upstreams, the listen port."""
+    temp = "\n".join(
+        f"    {name}_temp_path {workdir / name};"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    # As root, nginx would drop its workers to `nobody`, who cannot read this temp dir.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return f"""{user}worker_processes 1;
+pid {workdir / "nginx.pid"};
+error_log stderr warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {workdir / "access.log"};
+{temp}
+    # Like many production http blocks: compress everything. The gateway file must still stream.
+    gzip on;
+    gzip_types *;
+    gzip_min_length 1;
+    upstream session_sidecar {{ server {sidecar}; keepalive 4; }}
+    upstream chat_backend {{ server {backend}; keepalive 4; }}
+    server {{
+        listen 127.0.0.1:{port};
+        include {GATEWAY_CONF};
+        location / {{ return 404 "gateway: no route\\n"; }}
+    }}
+}}
+"""
+
+
+def start_nginx(workdir: Path, sidecar: str, backend: str) -> Nginx:
+    binary = nginx_binary()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nginx.conf"
+    last_error = ""
+    for _ in range(3):  # the free port can be taken between choosing and binding it
+        port = free_port()
+        conf.write_text(top_level_conf(workdir, port, sidecar, backend))
+        check = subprocess.run(
+            [binary, "-t", "-p", str(workdir), "-c", str(conf)], capture_output=True, text=True, timeout=30
+        )
+        if check.returncode != 0:
+            pytest.fail(f"nginx rejects the gateway config:\n{check.stderr}")
+        proc = subprocess.Popen(
+            [binary, "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return Nginx(port, proc, workdir)
+            except OSError:
+                time.sleep(0.05)
+        last_error = Nginx(port, proc, workdir).stop()
+    pytest.fail(f"nginx did not start:\n{last_error}")
+
+
+# --- a client that sends the path exactly as written -------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def get(port: int, raw_path: str, headers: dict[str, str] | None = None) -> Answer:
+    # http.client sends the request target verbatim: no `..` resolution, no re-encoding.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", raw_path, headers=headers or {})
+        resp = conn.getresponse()
+        return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    sidecar: Sidecar
+    backend: Backend
+    nginx: Nginx
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    nginx_binary()
+    client = redis.Redis.from_url(redis_url)
+    client.delete(f"chat:stream:{CONVERSATION}:{RUN_ID}", f"task:status:{CONVERSATION}:{RUN_ID}")
+    # One live run of alice's, written as the backend writes it.
+    client.xadd(
+        f"chat:stream:{CONVERSATION}:{RUN_ID}",
+        {
+            "type": "start",
+            "conversation_id": CONVERSATION,
+            "run_id": RUN_ID,
+            "created_at": "2026-01-01T00:00:00",
+            "agent_id": "agent-1",
+            "status": "processing",
+            "message": "started",
+        },
+    )
+    client.expire(f"chat:stream:{CONVERSATION}:{RUN_ID}", 900)
+    client.set(f"task:status:{CONVERSATION}:{RUN_ID}", "running", ex=600)
+    client.close()
+
+    sidecar = start_sidecar(redis_url)
+    backend = start_backend()
+    nginx = start_nginx(
+        tmp_path_factory.mktemp("nginx"), f"127.0.0.1:{sidecar.port}", f"127.0.0.1:{backend.port}"
+    )
+    try:
+        yield Stack(sidecar, backend, nginx)
+    finally:
+        nginx.stop()
+        backend.release.set()
+        backend.server.shutdown()
+        backend.server.server_close()
+        sidecar.server.should_exit = True
+        sidecar.thread.join(timeout=10)
+
+
+def alice() -> dict[str, str]:
+    claims = {"user_id": "alice", "sub": "alice", "exp": int(time.time()) + 300}
+    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+
+
+# --- routing --------------------------------------------------------------------------------------
+
+
+def test_the_gateway_file_is_included_unchanged(stack: Stack) -> None:
+    conf = (stack.nginx.workdir / "nginx.conf").read_text()
+    assert f"include {GATEWAY_CONF};" in conf
+    # Nothing in the generated part routes a sidecar path: that comes from the file alone.
+    assert "session_sidecar" not in conf.split("server {", 1)[1]
+
+
+@pytest.mark.parametrize("endpoint", ["active-session", "task-status"])
+def test_both_sidecar_paths_reach_the_sidecar(stack: Stack, endpoint: str) -> None:
+    before, backend_before = len(stack.sidecar.recorder.seen), len(stack.backend.seen)
+    answer = get(stack.nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/{endpoint}", alice())
+    assert answer.status == 200, answer.body
+    body = answer.json()
+    assert body["conversationId"] == CONVERSATION
+    assert body["sessionId"] == RUN_ID
+    assert answer.headers["cache-control"] == "no-store"
+    assert [s.path for s in stack.sidecar.recorder.seen[before:]] == [
+        f"{PREFIX}/conversations/{CONVERSATION}/{endpoint}"
+    ]
+    assert len(stack.backend.seen) == backend_before
+
+
+def test_query_string_is_passed_to_the_sidecar(stack: Stack) -> None:
+    before = len(stack.sidecar.recorder.seen)
+    answer = get(stack.nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/task-status?x=1&y=2", alice())
+    assert answer.status == 200
+    (seen,) = stack.sidecar.recorder.seen[before:]
+    assert seen.raw_path == f"{PREFIX}/conversations/{CONVERSATION}/task-status".encode()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{PREFIX}/conversations/{CONVERSATION}/message/",
+        f"{PREFIX}/conversations/{CONVERSATION}/info/",
+        f"{PREFIX}/conversations/{CONVERSATION}/",
+        f"{PREFIX}/conversations/{CONVERSATION}/active-session/",  # not the exact sidecar path
+        f"{PREFIX}/conversations/{CONVERSATION}/active-sessions",
+        f"{PREFIX}/conversations/a/b/task-status",
+        f"{PREFIX}/conversations/x%2Fy/message/?q=%2F",  # the backend gets the raw URI
+    ],
+)
+def test_neighbouring_paths_reach_the_backend(stack: Stack, path: str) -> None:
+    before = len(stack.sidecar.recorder.seen)
+    answer = get(stack.nginx.port, path, alice())
+    assert answer.status == 200, answer.body
+    body = answer.json()
+    assert body["who"] == "backend"
+    assert body["path"] == path
+    assert stack.sidecar.recorder.seen[before:] == []
+
+
+def test_paths_outside_the_prefix_are_not_routed(stack: Stack) -> None:
+    before = len(stack.sidecar.recorder.seen)
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/api/v2/conversations/x/active-session",
+    ):
+        answer = get(stack.nginx.port, path)
+        assert answer.status == 404, path
+        assert answer.body == b"gateway: no route\n"
+    assert stack.sidecar.recorder.seen[before:] == []
+
+
+# --- headers --------------------------------------------------------------------------------------
+
+
+def test_authorization_passes_through_to_both(stack: Stack) -> None:
+    headers = alice()
+    answer = get(stack.nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/info/", headers)
+    assert answer.json()["headers"]["authorization"] == headers["Authorization"]
+
+    before = len(stack.sidecar.recorder.seen)
+    ok = get(stack.nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/active-session", headers)
+    assert ok.status == 200
+    assert stack.sidecar.recorder.seen[before].headers["authorization"] == headers["Authorization"]
+    # Without the header the sidecar itself says 401: nginx did not invent one.
+    missing = get(stack.nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/active-session")
+    assert missing.status == 401
+    assert missing.json()["conversationId"] == CONVERSATION
+    assert "authorization" not in stack.sidecar.recorder.seen[-1].headers
+
+
+def test_request_id_is_set_when_absent_and_kept_when_present(stack: Stack) -> None:
+    info = f"{PREFIX}/conversations/{CONVERSATION}/info/"
+    generated = get(stack.nginx.port, info).json()["headers"]["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert get(stack.nginx.port, info).json()["headers"]["x-request-id"] != generated
+    kept = get(stack.nginx.port, info, {"X-Request-ID": "client-chosen-42"})
+    assert kept.json()["headers"]["x-request-id"] == "client-chosen-42"
+
+    sidecar_path = f"{PREFIX}/conversations/{CONVERSATION}/task-status"
+    get(stack.nginx.port, sidecar_path, alice())
+    assert re.fullmatch(r"[0-9a-f]{32}", stack.sidecar.recorder.seen[-1].headers["x-request-id"])
+    get(stack.nginx.port, sidecar_path, {**alice(), "X-Request-ID": "client-chosen-43"})
+    assert stack.sidecar.recorder.seen[-1].headers["x-request-id"] == "client-chosen-43"
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+
+def test_streamed_events_arrive_one_by_one(stack: Stack) -> None:
+    backend = stack.backend
+    backend.release.clear()
+    backend.sent_last.clear()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=5)
+    try:
+        conn.request(
+            "GET", f"{PREFIX}/conversations/{CONVERSATION}/stream/", headers={"Accept-Encoding": "gzip"}
+        )
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("X-Accel-Buffering") is None
+        # gzip would hold bytes back until its buffer fills: the gateway turns it off here.
+        assert resp.getheader("Content-Encoding") is None
+        # The first event must arrive while the backend is still holding the last one back.
+        # A buffering gateway keeps it until the response ends: this read then times out.
+        try:
+            first = resp.read1(65536)
+        except TimeoutError:
+            pytest.fail("the first event did not arrive before the stream ended: the gateway buffers")
+        assert first == b"data: first\n\n"
+        assert not backend.sent_last.is_set()
+        backend.release.set()
+        assert resp.read() == b"data: last\n\n"
+    finally:
+        backend.release.set()
+        conn.close()
+
+
+def test_the_gateway_does_not_absorb_a_response_the_client_is_not_reading(stack: Stack) -> None:
+    # Unbuffered proxying passes the backend's bytes on as the client takes them, so a client that
+    # does not read holds the backend back. A buffering gateway (`proxy_buffering on`, or one that
+    # obeys the backend's `X-Accel-Buffering: yes`) swallows the whole answer into its buffers.
+    backend = stack.backend
+    backend.download_done.clear()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=10)
+    try:
+        conn.request("GET", f"{PREFIX}/conversations/{CONVERSATION}/download/")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert int(resp.getheader("Content-Length") or 0) == DOWNLOAD_BLOCKS * len(BLOCK)
+        assert not backend.download_done.wait(timeout=2.0), "the gateway buffered the whole response"
+        assert len(resp.read(len(BLOCK))) == len(BLOCK)
+    finally:
+        conn.close()
+
+
+def test_websocket_upgrades_reach_the_backend(stack: Stack) -> None:
+    with socket.create_connection(("127.0.0.1", stack.nginx.port), timeout=5) as sock:
+        sock.sendall(
+            f"GET {PREFIX}/conversations/{CONVERSATION}/ws/ HTTP/1.1\r\nHost: gw\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            assert data, head
+            head += data
+        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(b"ping through the tunnel\n")
+        echoed = head.split(b"\r\n\r\n", 1)[1]
+        while not echoed.endswith(b"\n"):
+            data = sock.recv(4096)
+            assert data, echoed
+            echoed += data
+        assert echoed == b"ping through the tunnel\n"
+
+
+# --- tricks -------------------------------------------------------------------------------------
+
+TRICKS = [
+    f"{PREFIX}/conversations/x/active-session/../../../../healthz",
+    f"{PREFIX}/conversations/x/task-status/../../../../metrics",
+    f"{PREFIX}/conversations/..%2F..%2Fmetrics/active-session",
+    f"{PREFIX}/conversations/..%2F..%2F..%2Fhealthz/task-status",
+    f"{PREFIX}/conversations/x%2Factive-session",
+    f"{PREFIX}/conversations/x/active-session%2F..%2F..%2Fmetrics",
+    f"{PREFIX}/conversations/x/active-session%2F..%2F..%2F..%2F..%2Freadyz",
+    f"{PREFIX}/conversations/%2E%2E/%2E%2E/%2E%2E/openapi.json",
+    f"{PREFIX}/conversations/x/active-session%0A",
+    f"{PREFIX}/conversations/x/active-session%00",
+    f"{PREFIX}/conversations/x/active-session;/../../../../metrics",
+    f"{PREFIX}/conversations/x/active-session%3F/../../../../metrics",
+    "/metrics/../api/v1/conversations/x/active-session",
+    "/healthz/..%2Fapi/v1/conversations/x/task-status",
+    f"//{PREFIX.lstrip('/')}//conversations//x//active-session",
+    f"{PREFIX}/conversations/x%2F..%2F..%2F..%2F..%2Fmetrics%23/active-session",
+]
+
+
+@pytest.mark.parametrize("trick", TRICKS)
+def test_tricks_never_reach_operational_endpoints(stack: Stack, trick: str) -> None:
+    before = len(stack.sidecar.recorder.seen)
+    answer = get(stack.nginx.port, trick, alice())
+    seen = stack.sidecar.recorder.seen[before:]
+    for request in seen:
+        assert request.path not in OPERATIONAL, trick
+        # Whatever reaches the sidecar is one canonical conversation path, nothing more.
+        assert CANONICAL_SIDECAR_PATH.fullmatch(request.path), (trick, request.path)
+        assert request.raw_path == request.path.encode(), (trick, request.raw_path)
+    assert not answer.body.startswith(b"# HELP"), trick
+    assert b'"openapi"' not in answer.body, trick
+
+
+def test_the_trick_check_can_see_operational_requests(stack: Stack) -> None:
+    # The recorder is not blind: a direct request to the sidecar is seen and served.
+    before = len(stack.sidecar.recorder.seen)
+    metrics = get(stack.sidecar.port, "/metrics")
+    assert metrics.status == 200
+    assert b"# HELP" in metrics.body or b"# TYPE" in metrics.body
+    assert get(stack.sidecar.port, "/healthz").status == 200
+    assert [s.path for s in stack.sidecar.recorder.seen[before:]] == ["/metrics", "/healthz"]
+
+
+# --- sidecar down -------------------------------------------------------------------------------
+
+
+def test_unreachable_sidecar_is_a_json_503_not_a_404(stack: Stack, tmp_path: Path) -> None:
+    dead = free_port()  # nothing listens there
+    nginx = start_nginx(tmp_path / "nginx-dead", f"127.0.0.1:{dead}", f"127.0.0.1:{stack.backend.port}")
+    try:
+        answer = get(nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/active-session", alice())
+        assert answer.status == 503
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["cache-control"] == "no-store"
+        assert int(answer.headers["retry-after"]) > 0
+        assert answer.json() == {"error": "Session service unavailable", "conversationId": CONVERSATION}
+        # The backend is unaffected.
+        assert get(nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/info/").json()["who"] == "backend"
+    finally:
+        nginx.stop()
