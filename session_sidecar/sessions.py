@@ -13,6 +13,7 @@ from session_sidecar.access import RunFilter
 from session_sidecar.derive import (
     DurationTracker,
     Rules,
+    RunFacts,
     RunState,
     RunView,
     choose_run,
@@ -20,7 +21,7 @@ from session_sidecar.derive import (
     estimated_completion,
 )
 from session_sidecar.settings import Settings
-from session_sidecar.store import KeySchema, RedisClient, RunFinder, budget, read_facts
+from session_sidecar.store import Found, KeySchema, RedisClient, RunFinder, read_facts, within_budget
 
 
 class Lookup(msgspec.Struct, frozen=True):
@@ -45,12 +46,7 @@ class SessionService:
 
     async def lookup(self, conversation_id: str, visible: RunFilter) -> Lookup | None:
         """The chosen visible run, or None when the caller can see no run of this conversation."""
-        async with budget(self.timeout_s):
-            found = await self.finder.find(conversation_id)
-            run_ids = [r for r in found.run_ids if visible(r)]
-            known = {r: found.ended[r] for r in run_ids if r in found.ended}
-            to_read = [r for r in run_ids if r not in known]
-            facts = await read_facts(self.client, self.schema, conversation_id, to_read, known)
+        found, known, facts = await within_budget(self.timeout_s, self._read(conversation_id, visible))
         # A run whose stream ends with `end` stops changing: the finder may keep its facts.
         fresh_ended = [f for f in facts if f.last_entry_type == "end" and f is not known.get(f.run_id)]
         self.finder.remember_ended(conversation_id, fresh_ended, found.epoch)
@@ -66,6 +62,15 @@ class SessionService:
             return None
         return Lookup(chosen, estimated_completion(chosen, now_ms, self.durations.typical_ms()))
 
+    async def _read(
+        self, conversation_id: str, visible: RunFilter
+    ) -> tuple[Found, dict[str, RunFacts], list[RunFacts]]:
+        found = await self.finder.find(conversation_id)
+        run_ids = [r for r in found.run_ids if visible(r)]
+        known = {r: found.ended[r] for r in run_ids if r in found.ended}
+        to_read = [r for r in run_ids if r not in known]
+        facts = await read_facts(self.client, self.schema, conversation_id, to_read, known)
+        return found, known, facts
+
     async def ping(self) -> bool:
-        async with budget(self.timeout_s):
-            return bool(await self.client.ping())
+        return bool(await within_budget(self.timeout_s, self.client.ping()))

@@ -1,7 +1,7 @@
 """All Redis access: the key schema, the client, run discovery and the facts read.
 
 Read-only by design: nothing here writes the backend's keys. Every call runs
-inside a per-request budget (`budget()`), which turns timeouts and connection
+inside a per-request budget (`within_budget()`), which turns timeouts and connection
 failures into `Unavailable` (503), never into "no session".
 """
 
@@ -11,9 +11,8 @@ import asyncio
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from collections.abc import Awaitable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -34,6 +33,7 @@ SCAN_COUNT = 1000
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 RedisClient = aioredis.Redis | RedisCluster
+T = TypeVar("T")
 
 
 def glob_escape(value: str) -> str:
@@ -97,18 +97,34 @@ def create_client(settings: Settings) -> RedisClient:
     return aioredis.Redis.from_url(settings.redis_url, max_connections=64, **common)
 
 
-@asynccontextmanager
-async def budget(timeout_s: float) -> AsyncIterator[None]:
-    """All Redis work of one request: within `timeout_s`, or a 503."""
+async def within_budget(timeout_s: float, work: Awaitable[T]) -> T:
+    """All Redis work of one request: its result within `timeout_s`, or a 503 at the deadline.
+
+    The work runs as its own task so the answer never waits for its clean-up:
+    a command cancelled mid-read makes redis-py drop and close that connection,
+    which under load can take longer than the budget itself.
+    """
+    task = asyncio.ensure_future(work)
     try:
-        async with asyncio.timeout(timeout_s):
-            yield
-    except TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_discard_outcome)
         log.warning("redis over budget (%.0f ms)", timeout_s * 1000)
-        raise Unavailable("Session store too slow", reason="redis_timeout") from None
+        raise Unavailable("Session store too slow", reason="redis_timeout")
+    try:
+        return task.result()
     except RedisError as exc:
         log.warning("redis unavailable: %s", type(exc).__name__)
         raise Unavailable("Session store unavailable", reason="redis_error") from None
+
+
+def _discard_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log "never retrieved"
 
 
 class Found(msgspec.Struct, frozen=True):

@@ -93,3 +93,29 @@ async def test_unreachable_at_start_still_serves_503(make_settings: Callable[...
         response = await api.get(CONV, "active-session")
         assert response.status_code == 503
         assert response.json()["conversationId"] == CONV
+
+
+async def test_concurrent_requests_on_a_stalled_redis_all_answer_at_the_deadline(
+    own_redis: EmbeddedRedis, make_settings: Callable[..., Settings]
+) -> None:
+    # 1M keys and SCAN per request: every request runs out of budget mid-command,
+    # and the answer must not wait for redis-py to tear the cancelled connection down.
+    await _seed(own_redis.url)
+    filler = aioredis.Redis.from_url(own_redis.url)
+    await filler.eval(
+        "for i=1,tonumber(ARGV[1]) do redis.call('SET','unrelated:'..i,'x') end", 0, "1000000"
+    )
+    await filler.aclose()
+    settings = make_settings(redis_url=own_redis.url, redis_timeout_ms=300, index_mode="scan")
+    async for api in open_api(settings):
+
+        async def timed() -> tuple[int, float]:
+            started = time.monotonic()
+            response = await api.get(CONV, "active-session")
+            return response.status_code, time.monotonic() - started
+
+        for _ in range(3):
+            results = await asyncio.gather(*(timed() for _ in range(6)))
+            assert {status for status, _ in results} == {503}
+            slowest = max(elapsed for _, elapsed in results)
+            assert slowest < 0.9, f"budget 300 ms, slowest answer after {slowest:.2f} s"
