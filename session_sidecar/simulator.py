@@ -45,6 +45,8 @@ class BackendSimulator:
         # Older backends never write `queued`/`cancelled` and say `pending` at dispatch.
         self.old_backend = old_backend
 
+    # Spelled out here rather than taken from store.KeySchema: the simulator is the
+    # backend's side of the contract, so a slip in the sidecar's schema shows in tests.
     def stream_key(self, conversation_id: str, run_id: str) -> str:
         return f"{self.stream_prefix}:{conversation_id}:{run_id}"
 
