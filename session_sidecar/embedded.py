@@ -95,8 +95,14 @@ class EmbeddedRedis:
         ]  # fmt: skip
         log_path = os.path.join(self._dir.name, "server.log")
         with open(log_path, "ab") as log:
+            # Its own session: a Ctrl-C in the terminal reaches us, not the server, so we
+            # stop it after the service has drained; if we die, PDEATHSIG stops it.
             self._proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
