@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -59,7 +60,9 @@ def _task_status_body(conversation_id: str, found: Lookup) -> msgspec.Struct:
     )
 
 
-async def _answer(request: Request, not_found: str, render: Any) -> Response:
+async def _answer(
+    request: Request, not_found: str, render: Callable[[str, Lookup], msgspec.Struct]
+) -> Response:
     sidecar = request.app.state.sidecar
     conversation_id: str = request.path_params["conversation_id"]
     try:
