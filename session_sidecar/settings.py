@@ -113,6 +113,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("SIDECAR_REDIS_URL must start with redis://, rediss:// or unix://")
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
             raise ConfigError("SIDECAR_REDIS_SENTINELS and SIDECAR_REDIS_SENTINEL_MASTER go together")
+        stream, status = self.stream_prefix + ":", "task:status:"
+        if not self.stream_prefix or status.startswith(stream) or stream.startswith(status):
+            # e.g. `task`: then `task:status:c:r` would read as the stream of conversation `status`.
+            raise ConfigError("REDIS_STREAM_PREFIX must not overlap the status keys' `task:status`")
         if not self.api_prefix.startswith("/") or self.api_prefix.endswith("/"):
             raise ConfigError("SIDECAR_API_PREFIX must start with '/' and not end with one")
         try:

@@ -92,6 +92,8 @@ def test_repr_never_shows_secrets() -> None:
         ({"SIDECAR_API_PREFIX": "api/v1", **DEV}, "SIDECAR_API_PREFIX"),
         ({"isDevelopmentMode": "enabled"}, "defaultUsername"),
         ({"SIDECAR_REDIS_SENTINELS": "h:26379", **DEV}, "SIDECAR_REDIS_SENTINEL_MASTER"),
+        ({"REDIS_STREAM_PREFIX": "task", **DEV}, "REDIS_STREAM_PREFIX"),
+        ({"REDIS_STREAM_PREFIX": "task:status:x", **DEV}, "REDIS_STREAM_PREFIX"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
