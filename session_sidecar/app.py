@@ -42,7 +42,6 @@ class Sidecar:
         finder: RunFinder = scan
         if settings.index_mode != "scan":
             self.index = LiveIndex(settings, self.client, schema, self.metrics)
-            self.metrics.index_lag.set_function(self.index.lag_s)
             finder = IndexedFinder(self.index, scan)
         self.sessions = SessionService(settings, self.client, finder)
         self.id_pattern = re.compile(settings.conversation_id_pattern)

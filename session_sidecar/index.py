@@ -77,7 +77,9 @@ class LiveIndex:
         self._settings = settings
         self._client = client
         self._schema = schema
-        self._metrics = metrics
+        # Computed when scraped, not per event: `size` walks every conversation.
+        metrics.index_runs.set_function(lambda: self.size)
+        metrics.index_lag.set_function(self.lag_s)
         self._entries: Entries = {}
         self._journal: list[tuple[str, str, str, int]] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -239,7 +241,6 @@ class LiveIndex:
                     if time.monotonic() >= next_resync:
                         resync = asyncio.create_task(self._resync())
                         next_resync = time.monotonic() + self._settings.index_resync_s
-                self._metrics.index_runs.set(self.size)
         finally:
             if pubsub.connection is not None:
                 pubsub.connection.deregister_connect_callback(self._on_reconnect)
@@ -289,7 +290,6 @@ class LiveIndex:
         self._last_heard = time.monotonic()
         self.in_sync = True
         self.seeded.set()
-        self._metrics.index_runs.set(self.size)
         log.info("index synced: %d runs", self.size)
 
 

@@ -53,6 +53,8 @@ async def test_creation_deletion_and_partial_removal(indexed: Api, sim: BackendS
     run_id = await sim.full_run(CONV, "alice", "m", status=None)
     await wait_for(lambda: index.run_ids(CONV) == {run_id})
     assert (await indexed.get(CONV, "active-session")).json()["sessionId"] == run_id
+    metrics = (await indexed.client.get("/metrics")).text
+    assert "sidecar_index_runs 1.0" in metrics and "sidecar_index_lag_seconds " in metrics
 
     await sim.client.delete(sim.stream_key(CONV, run_id))
     await asyncio.sleep(0.1)
