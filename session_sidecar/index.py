@@ -29,7 +29,15 @@ from redis.exceptions import RedisError, ResponseError
 from session_sidecar.derive import RunFacts
 from session_sidecar.observability import Metrics
 from session_sidecar.settings import Settings
-from session_sidecar.store import SCAN_COUNT, Found, KeySchema, RedisClient, ScanFinder, decode_key
+from session_sidecar.store import (
+    SCAN_COUNT,
+    Found,
+    KeySchema,
+    RedisClient,
+    ScanFinder,
+    decode_key,
+    glob_escape,
+)
 
 log = logging.getLogger("session_sidecar.index")
 
@@ -276,7 +284,7 @@ class LiveIndex:
         try:
             fresh: Entries = {}
             for prefix, bit in ((self._schema.stream_prefix, STREAM), (self._schema.status_prefix, STATUS)):
-                async for raw in self._client.scan_iter(match=f"{prefix}:*", count=SCAN_COUNT):
+                async for raw in self._client.scan_iter(match=f"{glob_escape(prefix)}:*", count=SCAN_COUNT):
                     key = decode_key(raw)
                     parsed = self._schema.parse(key) if key is not None else None
                     if parsed is not None:
