@@ -30,6 +30,7 @@ log = logging.getLogger("session_sidecar.store")
 
 STATUS_PREFIX = "task:status"
 SCAN_COUNT = 1000
+MAX_CONNECTIONS = 64
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 RedisClient = aioredis.Redis | RedisCluster
@@ -94,7 +95,12 @@ def create_client(settings: Settings) -> RedisClient:
     if settings.redis_cluster:
         common.pop("health_check_interval")
         return RedisCluster.from_url(settings.redis_url, **common)
-    return aioredis.Redis.from_url(settings.redis_url, max_connections=64, **common)
+    # A burst beyond the pool waits for a free connection (within the budget)
+    # instead of failing at once, as the plain pool does.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=timeout_s, **common
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 
 
 async def within_budget(timeout_s: float, work: Awaitable[T]) -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -9,6 +10,7 @@ import redis.asyncio as aioredis
 
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
+from session_sidecar.store import MAX_CONNECTIONS
 from tests.conftest import Api, open_api
 
 CONV = "019953dd-6de7-7f7a-bf64-96c54db89201"
@@ -237,3 +239,12 @@ def _alice() -> dict[str, str]:
     from tests.conftest import auth
 
     return auth("alice")
+
+
+async def test_a_burst_beyond_the_connection_pool_waits_rather_than_failing(
+    api: Api, sim: BackendSimulator
+) -> None:
+    run_id = await sim.full_run(CONV, "alice", "m", status=None)
+    answers = await asyncio.gather(*(api.get(CONV, "task-status") for _ in range(4 * MAX_CONNECTIONS)))
+    assert {a.status_code for a in answers} == {200}
+    assert {a.json()["sessionId"] for a in answers} == {run_id}
