@@ -148,6 +148,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             )
         if not self.user_claims:
             raise ConfigError("SIDECAR_JWT_USER_CLAIMS must name at least one claim")
+        if self.jwt_leeway_s > 300:
+            # Leeway stretches every token's life: minutes of it would accept long-expired tokens.
+            raise ConfigError(f"SIDECAR_JWT_LEEWAY_S must be at most 300, got {self.jwt_leeway_s}")
+        if self.backend_url and urlsplit(self.backend_url).scheme not in ("http", "https"):
+            raise ConfigError("SIDECAR_BACKEND_URL must be an http:// or https:// URL")
         if self.access_policy == "backend" and not self.backend_url:
             raise ConfigError("SIDECAR_ACCESS_POLICY=backend needs SIDECAR_BACKEND_URL")
         if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):

@@ -93,6 +93,8 @@ def test_repr_never_shows_secrets() -> None:
         ({"isDevelopmentMode": "enabled"}, "defaultUsername"),
         ({"SIDECAR_REDIS_SENTINELS": "h:26379", **DEV}, "SIDECAR_REDIS_SENTINEL_MASTER"),
         ({"REDIS_STREAM_PREFIX": "task", **DEV}, "REDIS_STREAM_PREFIX"),
+        ({"SIDECAR_JWT_LEEWAY_S": "3600", **DEV}, "SIDECAR_JWT_LEEWAY_S"),
+        ({"SIDECAR_BACKEND_URL": "ftp://backend", **DEV}, "SIDECAR_BACKEND_URL"),
         ({"REDIS_STREAM_PREFIX": "task:status:x", **DEV}, "REDIS_STREAM_PREFIX"),
     ],
 )
