@@ -21,12 +21,13 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
 from session_sidecar.derive import RunFacts
+from session_sidecar.notifications import NotificationsOff, sources, usable_events
 from session_sidecar.observability import Metrics
 from session_sidecar.settings import Settings
 from session_sidecar.store import (
@@ -44,11 +45,6 @@ log = logging.getLogger("session_sidecar.index")
 STREAM, STATUS = 1, 2  # which of a run's keys exist, as bits
 ADD_EVENTS = frozenset({"new", "rename_to"})
 REMOVE_EVENTS = frozenset({"del", "expired", "evicted", "rename_from", "unlink"})
-# Flags: E key-event channel, g generic (del, rename), x expired, n new key (Redis/Valkey 7+).
-FLAGS_NEW = "Egxn"
-# Servers without `n`: creation is seen as xadd (t) and set ($) instead.
-FLAGS_LEGACY = "Eg$xt"
-_ALIASES = {"A": "g$lshzxetd"}
 
 
 
@@ -66,18 +62,6 @@ class Conversation:
 
 Entries = dict[str, Conversation]
 _epochs = itertools.count(1)
-
-
-def _expand(flags: str) -> set[str]:
-    out: set[str] = set()
-    for ch in flags:
-        out.update(_ALIASES.get(ch, ch))
-    return out
-
-
-def missing_flags(current: str, wanted: str) -> str:
-    have = _expand(current)
-    return "".join(ch for ch in wanted if ch not in have)
 
 
 class LiveIndex:
@@ -144,68 +128,31 @@ class LiveIndex:
         """Subscribe, seed, follow events, resync; on any failure fall back and start over."""
         backoff = 0.1
         while True:
+            servers: list[aioredis.Redis] = []
             try:
-                events = await self._notification_events()
-                if events is None:
+                servers = await sources(self._client, self._settings)
+                try:
+                    events = await usable_events(servers, self._settings)
+                except NotificationsOff as off:
+                    self._disable(str(off))
                     await asyncio.sleep(self._settings.index_resync_s)  # re-check the flags later
                     continue
-                await self._follow(events)
+                self.disabled_reason = None
+                await self._follow(servers, events)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
-                if self.in_sync:
+            except Exception as exc:
+                if not isinstance(exc, (RedisError, OSError)):
+                    log.exception("index failed: SCAN per request until re-seeded")
+                elif self.in_sync:
                     log.warning("index subscriber lost (%s): SCAN per request until re-seeded", exc)
                 self.in_sync = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.1
-
-    async def _notification_events(self) -> tuple[str, ...] | None:
-        """The key events to follow, enabling flags if allowed; None when notifications are unusable."""
-        if isinstance(self._client, RedisCluster):
-            self._disable("Redis Cluster: notifications are per node; using SCAN per request")
-            return None
-        try:
-            reply: Any = await self._client.config_get("notify-keyspace-events")
-            current = reply.get(b"notify-keyspace-events", reply.get("notify-keyspace-events", b""))
-            current = current.decode() if isinstance(current, bytes) else str(current)
-        except ResponseError as exc:
-            if self._settings.index_mode == "index":
-                log.warning("CONFIG GET refused (%s); trusting SIDECAR_INDEX_MODE=index", exc)
-                return self._events(new_keys=True)
-            self._disable(
-                f"CONFIG GET refused ({exc}); cannot tell whether keyspace notifications are on. "
-                f"Set notify-keyspace-events to include {FLAGS_NEW!r} (Redis 7+) and "
-                "SIDECAR_INDEX_MODE=index, or keep SCAN per request"
-            )
-            return None
-        for wanted, new_keys in ((FLAGS_NEW, True), (FLAGS_LEGACY, False)):
-            if not missing_flags(current, wanted):
-                self.disabled_reason = None
-                return self._events(new_keys)
-        if self._settings.redis_config_set:
-            for wanted, new_keys in ((FLAGS_NEW, True), (FLAGS_LEGACY, False)):
-                target = current + missing_flags(current, wanted)
-                try:
-                    await self._client.config_set("notify-keyspace-events", target)
-                except ResponseError:
-                    continue  # e.g. no `n` before Redis 7: try the legacy set
-                log.warning("set notify-keyspace-events %r -> %r (SIDECAR_REDIS_CONFIG_SET)", current, target)
-                self.disabled_reason = None
-                return self._events(new_keys)
-        wanted = current + missing_flags(current, FLAGS_NEW)
-        self._disable(
-            f"keyspace notifications are off (notify-keyspace-events={current!r}): "
-            f"set them with `CONFIG SET notify-keyspace-events {wanted}` (Redis 7+; "
-            f"Redis 6: add {missing_flags(current, FLAGS_LEGACY)!r}) or SIDECAR_REDIS_CONFIG_SET=true; "
-            "using SCAN per request until then"
-        )
-        return None
-
-    def _events(self, new_keys: bool) -> tuple[str, ...]:
-        created = ("new",) if new_keys else ("xadd", "set")
-        return (*created, "del", "unlink", "expired", "evicted", "rename_from", "rename_to")
+            finally:
+                for server in servers:
+                    if server is not self._client:
+                        await server.aclose()
 
     def _disable(self, reason: str) -> None:
         if reason != self.disabled_reason:
@@ -213,31 +160,22 @@ class LiveIndex:
         self.disabled_reason = reason
         self.in_sync = False
 
-    async def _follow(self, events: tuple[str, ...]) -> None:
-        pubsub = self._client.pubsub()
+    async def _follow(self, servers: list[aioredis.Redis], events: tuple[str, ...]) -> None:
+        """A subscriber per server (each Cluster primary), a SCAN beside them, then resyncs."""
+        channels = [self._channel_prefix + e for e in events]
+        pubsubs = [server.pubsub() for server in servers]
+        readers: list[asyncio.Task[None]] = []
         resync: asyncio.Task[None] | None = None
         try:
-            channels = [self._channel_prefix + e for e in events]
-            await pubsub.subscribe(*channels)
-            # redis-py reconnects and resubscribes silently; what was published in
-            # between is lost, so every reconnect must be followed by a re-seed.
-            connection = pubsub.connection
-            assert connection is not None
-            connection.register_connect_callback(self._on_reconnect)
-            # Wait for every confirmation: events published after it reach us, so
-            # nothing slips between the subscription and the seed SCAN.
-            confirmed = 0
-            while confirmed < len(channels):
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is not None and msg["type"] == "subscribe":
-                    confirmed += 1
+            for pubsub in pubsubs:
+                await self._subscribe(pubsub, channels)
+            readers = [asyncio.create_task(self._read(pubsub)) for pubsub in pubsubs]
             resync = asyncio.create_task(self._resync())
             next_resync = time.monotonic() + self._settings.index_resync_s
             while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if msg is not None:
-                    self._on_event(msg["channel"], msg["data"])
-                self._last_heard = time.monotonic()  # the connection is alive and read
+                done, _ = await asyncio.wait(readers, timeout=0.2)
+                for reader in done:
+                    reader.result()  # re-raise what stopped a subscriber: start over
                 if self._reconnected:
                     self._reconnected = False
                     resync.cancel()
@@ -250,12 +188,35 @@ class LiveIndex:
                         resync = asyncio.create_task(self._resync())
                         next_resync = time.monotonic() + self._settings.index_resync_s
         finally:
-            if pubsub.connection is not None:
-                pubsub.connection.deregister_connect_callback(self._on_reconnect)
-            if resync is not None and not resync.done():
-                resync.cancel()  # a SCAN from before a disconnect must not mark us in sync
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            for task in (*readers, resync):
+                if task is not None and not task.done():
+                    task.cancel()  # a SCAN from before a disconnect must not mark us in sync
+            for pubsub in pubsubs:
+                if pubsub.connection is not None:
+                    pubsub.connection.deregister_connect_callback(self._on_reconnect)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _subscribe(self, pubsub: PubSub, channels: list[str]) -> None:
+        await pubsub.subscribe(*channels)
+        # redis-py reconnects and resubscribes silently; what was published in
+        # between is lost, so every reconnect must be followed by a re-seed.
+        assert pubsub.connection is not None
+        pubsub.connection.register_connect_callback(self._on_reconnect)
+        # Wait for every confirmation: events published after it reach us, so
+        # nothing slips between the subscription and the seed SCAN.
+        confirmed = 0
+        while confirmed < len(channels):
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is not None and msg["type"] == "subscribe":
+                confirmed += 1
+
+    async def _read(self, pubsub: PubSub) -> None:
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            self._last_heard = time.monotonic()  # the connection is alive and read
+            if msg is not None:
+                self._on_event(msg["channel"], msg["data"])
 
     async def _on_reconnect(self, connection: object) -> None:
         log.warning("index subscriber reconnected: SCAN per request until re-seeded")

@@ -242,9 +242,12 @@ def _alice() -> dict[str, str]:
 
 
 async def test_a_burst_beyond_the_connection_pool_waits_rather_than_failing(
-    api: Api, sim: BackendSimulator
+    make_settings: Callable[..., Settings], sim: BackendSimulator
 ) -> None:
     run_id = await sim.full_run(CONV, "alice", "m", status=None)
-    answers = await asyncio.gather(*(api.get(CONV, "task-status") for _ in range(4 * MAX_CONNECTIONS)))
-    assert {a.status_code for a in answers} == {200}
-    assert {a.json()["sessionId"] for a in answers} == {run_id}
+    # A generous budget: this is about waiting for a free connection, not about speed
+    # (the plain pool failed the excess at once, whatever the budget).
+    async for api in open_api(make_settings(redis_timeout_ms=5000)):
+        answers = await asyncio.gather(*(api.get(CONV, "task-status") for _ in range(3 * MAX_CONNECTIONS)))
+        assert {a.status_code for a in answers} == {200}
+        assert {a.json()["sessionId"] for a in answers} == {run_id}

@@ -16,7 +16,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from session_sidecar.app import Sidecar
-from session_sidecar.index import LiveIndex, missing_flags
+from session_sidecar.index import LiveIndex
+from session_sidecar.notifications import missing_flags
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from session_sidecar.store import KeySchema, read_facts

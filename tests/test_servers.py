@@ -87,7 +87,7 @@ async def test_redis_behind_sentinel(make_settings: Callable[..., Settings]) -> 
             sentinel.wait(5)
 
 
-async def test_redis_cluster_uses_scan_on_every_node(make_settings: Callable[..., Settings]) -> None:
+async def test_redis_cluster_index_follows_every_primary(make_settings: Callable[..., Settings]) -> None:
     redis_cli = _cli_beside(find_server_binary())
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     # A cluster node also listens on port + 10000 (the cluster bus).
@@ -102,20 +102,33 @@ async def test_redis_cluster_uses_scan_on_every_node(make_settings: Callable[...
         await wait_for(_cluster_ok(writer), timeout_s=10)
         sim = BackendSimulator(writer)  # type: ignore[arg-type]
         start = int(time.time() * 1000) - 60_000
+        # Twelve runs: their keys hash to slots on every node.
         runs = [await sim.full_run(CONV, "alice", f"m{i}", chunks=1, start_ms=start + i) for i in range(12)]
-        live = await sim.full_run(CONV, "alice", "live", chunks=1, status=None)
-        async for api in open_api(
-            make_settings(redis_url=nodes[1].url, redis_cluster=True, index_mode="auto")
-        ):
+        settings = make_settings(redis_url=nodes[1].url, redis_cluster=True, index_mode="index")
+        async for api in open_api(settings):
             index = api.app.state.sidecar.index
-            await wait_for(lambda: index.disabled_reason is not None)
-            assert "Cluster" in index.disabled_reason
-            assert (await api.client.get("/readyz")).status_code == 200
+            await asyncio.wait_for(index.seeded.wait(), 10)
+            assert index.run_ids(CONV) == set(runs)  # seeded by a SCAN of every node
+            live = await sim.full_run(CONV, "alice", "live", chunks=1, status=None)
+            other = await sim.full_run("conv-other", "alice", "x", chunks=1, status=None)
+            await wait_for(lambda: live in index.run_ids(CONV) and other in index.run_ids("conv-other"))
             assert (await api.get(CONV, "active-session")).json()["sessionId"] == live
             await writer.delete(sim.stream_key(CONV, live))
             await writer.delete(sim.status_key(CONV, live))
+            await wait_for(lambda: live not in index.run_ids(CONV))
             body = (await api.get(CONV, "active-session")).json()
-            assert body["sessionId"] == runs[-1], "the latest run, found across every node"
+            assert body["sessionId"] == runs[-1], "the latest run, wherever its keys live"
+            # One primary drops our subscriber: the whole index is re-seeded.
+            before = index.resyncs
+            killer = aioredis.Redis.from_url(nodes[2].url)
+            assert await killer.client_kill_filter(_type="pubsub") == 1
+            await killer.aclose()
+            await wait_for(lambda: index.resyncs > before and index.in_sync, timeout_s=10)
+            assert index.run_ids(CONV) == set(runs)
+        async for api in open_api(
+            make_settings(redis_url=nodes[1].url, redis_cluster=True, index_mode="scan")
+        ):
+            assert (await api.get(CONV, "active-session")).json()["sessionId"] == runs[-1]
         await writer.aclose()
     finally:
         for node in nodes:
