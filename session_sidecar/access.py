@@ -144,7 +144,21 @@ class BackendPolicy:
         raise Unavailable("Backend unavailable", retry_after_s=2, reason="backend")
 
 
+class SingleUserPolicy:
+    """Development mode without a backend: one user, who sees every run, as the backend's own
+    development mode does (runs the web frontend names carry no user id to filter on)."""
+
+    async def visible_runs(self, identity: Identity, conversation_id: str) -> RunFilter:
+        return _every_run
+
+    async def close(self) -> None:
+        return None
+
+
 def make_policy(settings: Settings, http: httpx.AsyncClient | None = None) -> AccessPolicy:
-    if settings.access_policy == "backend":
+    policy = settings.policy
+    if policy == "backend":
         return BackendPolicy(settings, http)
-    return RunOwnerPolicy()
+    if policy == "run-owner":
+        return RunOwnerPolicy()
+    return SingleUserPolicy()

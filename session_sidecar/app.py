@@ -16,6 +16,7 @@ from starlette.routing import Route
 from session_sidecar import __version__, routes
 from session_sidecar.access import AccessPolicy, make_policy
 from session_sidecar.auth import Authenticator
+from session_sidecar.cors import FlatCORSMiddleware
 from session_sidecar.errors import ApiError
 from session_sidecar.index import IndexedFinder, LiveIndex
 from session_sidecar.models import openapi_schema
@@ -51,7 +52,7 @@ class Sidecar:
         log.info(
             "starting: redis %s, policy %s, stream prefix %r",
             redact_url(self.settings.redis_url),
-            self.settings.access_policy,
+            self.settings.policy,
             self.settings.stream_prefix,
         )
         await self.authenticator.start()
@@ -99,7 +100,19 @@ def create_app(settings: Settings, *, client: RedisClient | None = None) -> Star
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/openapi.json", routes.openapi, methods=["GET"]),
         ],
-        middleware=[Middleware(ObservabilityMiddleware, metrics=sidecar.metrics)],
+        middleware=[
+            # Outermost, so preflights get a request id and an access log line too.
+            Middleware(ObservabilityMiddleware, metrics=sidecar.metrics),
+            # Preflights are answered here, before any route: no token, no auth failure counted.
+            Middleware(
+                FlatCORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_credentials=True,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=["ETag"],
+            ),
+        ],
         exception_handlers={HTTPException: routes.http_exception, Exception: routes.server_error},
         lifespan=lifespan,
     )

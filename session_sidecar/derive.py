@@ -54,6 +54,9 @@ class RunView(msgspec.Struct, frozen=True):
 class Rules(msgspec.Struct, frozen=True):
     stale_after_ms: int = 600_000
     status_ttl_ms: int = 600_000
+    # `cursor` is the first retained entry instead of the last (SIDECAR_ACTIVE_CURSOR=first):
+    # the frontend's resume then replays the whole answer after a reload.
+    cursor_first: bool = False
 
 
 def entry_ms(entry_id: str) -> int:
@@ -70,7 +73,7 @@ def derive_run(facts: RunFacts, now_ms: int, rules: Rules) -> RunView | None:
     if facts.first_entry_id is not None and facts.last_entry_id is not None:
         started_at = entry_ms(facts.first_entry_id)
         last_activity = entry_ms(facts.last_entry_id)
-        cursor = facts.last_entry_id
+        cursor = facts.first_entry_id if rules.cursor_first else facts.last_entry_id
     else:
         # No stream yet (a queued run): the status was set `status_ttl - PTTL` ago.
         if facts.status_pttl_ms is not None and facts.status_pttl_ms >= 0:

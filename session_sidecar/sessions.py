@@ -39,13 +39,17 @@ class SessionService:
         self.finder = finder
         self.schema = KeySchema(settings.stream_prefix)
         self.rules = Rules(
-            stale_after_ms=settings.stale_after_s * 1000, status_ttl_ms=settings.status_ttl_s * 1000
+            stale_after_ms=settings.stale_after_s * 1000,
+            status_ttl_ms=settings.status_ttl_s * 1000,
+            cursor_first=settings.active_cursor == "first",
         )
         self.durations = DurationTracker(settings.default_duration_s * 1000)
         self.timeout_s = settings.redis_timeout_ms / 1000
 
     async def lookup(self, conversation_id: str, visible: RunFilter) -> Lookup | None:
         """The chosen visible run, or None when the caller can see no run of this conversation."""
+        if not self.schema.may_hold_runs(conversation_id):
+            return None  # answered without reading a key
         found, known, facts = await within_budget(self.timeout_s, self._read(conversation_id, visible))
         # A run whose stream ends with `end` stops changing: the finder may keep its facts.
         fresh_ended = [f for f in facts if f.last_entry_type == "end" and f is not known.get(f.run_id)]

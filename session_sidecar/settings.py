@@ -19,9 +19,11 @@ from session_sidecar.errors import ConfigError
 
 AccessPolicyName = Literal["run-owner", "backend"]
 IndexMode = Literal["auto", "index", "scan"]
+CursorChoice = Literal["last", "first"]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+DEFAULT_CORS_ORIGINS = "http://localhost:3000"  # the backend's own default
 
 # Strings a conversation id pattern must refuse: a colon would let `a:b`
 # alias run `b...` of conversation `a` in the key schema.
@@ -47,11 +49,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     token_cache_size: int = 10000
     jwks_min_refetch_s: float = 10.0
     jwks_timeout_ms: int = 3000
-    access_policy: AccessPolicyName = "run-owner"
+    # None: not named. `backend` when a backend URL is set; single-user in development mode.
+    access_policy: AccessPolicyName | None = None
     backend_url: str | None = None
     access_cache_ttl_s: int = 30
     access_cache_size: int = 10000
     backend_timeout_ms: int = 2000
+    cors_allowed_origins: str = DEFAULT_CORS_ORIGINS
+    active_cursor: CursorChoice = "last"
     conversation_id_pattern: str = DEFAULT_CONVERSATION_ID_PATTERN
     stale_after_s: int = 600
     default_duration_s: int = 60
@@ -84,6 +89,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return tuple(c.strip() for c in self.jwt_user_claims.split(",") if c.strip())
 
     @property
+    def cors_origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.cors_allowed_origins.split(",") if o.strip())
+
+    @property
+    def policy(self) -> Literal["backend", "run-owner", "single-user"]:
+        """The access policy in force (SPEC section 5); `validate()` refuses the unservable case."""
+        if self.access_policy is not None:
+            return self.access_policy
+        if self.backend_url or not self.development_mode:
+            return "backend"
+        # The backend's development mode is single-user: every run is the one user's.
+        return "single-user"
+
+    @property
     def verification_configured(self) -> bool:
         return bool(self.jwt_secret or self.jwks_url or self.jwt_public_key)
 
@@ -99,6 +118,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raw["development_mode"] = str(raw["development_mode"]).strip().lower() == "enabled"
         if "redis_url" not in raw:
             raw["redis_url"] = _backend_redis_url(env)
+        if "cors_allowed_origins" not in raw and env.get("CORS_ALLOWED_ORIGINS"):
+            # The backend's own variable: one list of origins for the whole API.
+            raw["cors_allowed_origins"] = env["CORS_ALLOWED_ORIGINS"]
         try:
             settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
@@ -155,6 +177,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("SIDECAR_BACKEND_URL must be an http:// or https:// URL")
         if self.access_policy == "backend" and not self.backend_url:
             raise ConfigError("SIDECAR_ACCESS_POLICY=backend needs SIDECAR_BACKEND_URL")
+        if not self.cors_origins:
+            raise ConfigError("SIDECAR_CORS_ALLOWED_ORIGINS must name at least one origin")
         if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
             raise ConfigError(
                 "SIDECAR_JWKS_URL needs SIDECAR_JWT_ISSUER and SIDECAR_JWT_AUDIENCE: "
@@ -166,6 +190,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(
                 "no way to verify tokens: set SIDECAR_JWT_SECRET, SIDECAR_JWKS_URL or "
                 "SIDECAR_JWT_PUBLIC_KEY (or isDevelopmentMode=enabled with defaultUsername)"
+            )
+        if self.policy == "backend" and not self.backend_url:
+            raise ConfigError(
+                "no access policy: set SIDECAR_BACKEND_URL (the default `backend` policy asks the "
+                "backend) or SIDECAR_ACCESS_POLICY=run-owner (only if clients name runs by user id)"
             )
 
 
@@ -195,6 +224,8 @@ ENV_VARS: dict[str, str] = {
     "SIDECAR_ACCESS_CACHE_TTL_S": "access_cache_ttl_s",
     "SIDECAR_ACCESS_CACHE_SIZE": "access_cache_size",
     "SIDECAR_BACKEND_TIMEOUT_MS": "backend_timeout_ms",
+    "SIDECAR_CORS_ALLOWED_ORIGINS": "cors_allowed_origins",
+    "SIDECAR_ACTIVE_CURSOR": "active_cursor",
     "SIDECAR_CONVERSATION_ID_PATTERN": "conversation_id_pattern",
     "SIDECAR_STALE_AFTER_S": "stale_after_s",
     "SIDECAR_DEFAULT_DURATION_S": "default_duration_s",

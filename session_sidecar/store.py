@@ -29,6 +29,9 @@ from session_sidecar.settings import Settings
 log = logging.getLogger("session_sidecar.store")
 
 STATUS_PREFIX = "task:status"
+# `{stream prefix}:reservation:{conversation}:{run}` strings reserve a run id before its
+# stream exists (SPEC section 1). They are not runs, and `reservation` is no conversation.
+RESERVATION = "reservation"
 SCAN_COUNT = 1000
 MAX_CONNECTIONS = 64
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
@@ -63,13 +66,19 @@ class KeySchema:
         """`(conversation_id, run_id)` of a stream or status key, else None.
 
         The run id is everything after `{prefix}:{conversation}:`, colons included.
+        Reservation keys are not runs: None.
         """
         for prefix in (self.stream_prefix, self.status_prefix):
             if key.startswith(prefix) and key[len(prefix) : len(prefix) + 1] == ":":
                 conversation, sep, run_id = key[len(prefix) + 1 :].partition(":")
-                if sep and conversation and run_id:
+                if sep and conversation and run_id and conversation != RESERVATION:
                     return conversation, run_id
         return None
+
+    @staticmethod
+    def may_hold_runs(conversation_id: str) -> bool:
+        """False for `reservation`: its "runs" would be other conversations' reservations."""
+        return conversation_id != RESERVATION
 
 
 def create_client(settings: Settings) -> RedisClient:

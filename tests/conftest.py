@@ -94,7 +94,10 @@ def old_sim(redis_client: aioredis.Redis) -> BackendSimulator:
 @pytest.fixture
 def make_settings(redis_url: str) -> Callable[..., Settings]:
     def make(**fields: Any) -> Settings:
-        base = Settings(redis_url=redis_url, jwt_secret=TEST_SECRET, index_mode="scan")
+        # run-owner: most tests pin what one user may see of another's runs.
+        base = Settings(
+            redis_url=redis_url, jwt_secret=TEST_SECRET, index_mode="scan", access_policy="run-owner"
+        )
         settings = msgspec.structs.replace(base, **fields)
         settings.validate()
         return settings

@@ -451,6 +451,7 @@ async def test_a_rejected_token_is_not_cached(authenticator: Authenticator, deco
 def test_auth_settings_from_the_environment() -> None:
     env = {
         "SIDECAR_JWT_SECRET": SECRET,
+        "SIDECAR_BACKEND_URL": "http://backend:8000",
         "SIDECAR_TOKEN_CACHE_SIZE": "0",
         "SIDECAR_JWKS_MIN_REFETCH_S": "0.5",
         "SIDECAR_JWKS_TIMEOUT_MS": "1500",

@@ -764,7 +764,8 @@ def test_k8s_route_matches_the_nginx_split(manifests: dict[str, dict[str, Any]])
 
 @pytest.fixture
 async def app_client(redis_url: str) -> AsyncIterator[tuple[set[str], httpx.AsyncClient]]:
-    app = create_app(Settings.from_env({"SIDECAR_REDIS_URL": redis_url, "SIDECAR_JWT_SECRET": "x" * 40}))
+    env = {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_JWT_SECRET": "x" * 40, "SIDECAR_ACCESS_POLICY": "run-owner"}
+    app = create_app(Settings.from_env(env))
     routes = {r.path for r in app.routes if isinstance(r, Route)}
     async with asyncio.timeout(30), app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

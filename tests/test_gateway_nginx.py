@@ -95,7 +95,8 @@ class Sidecar:
 
 
 def start_sidecar(redis_url: str) -> Sidecar:
-    settings = Settings.from_env({"SIDECAR_REDIS_URL": redis_url, "SIDECAR_JWT_SECRET": SECRET})
+    env = {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_JWT_SECRET": SECRET, "SIDECAR_ACCESS_POLICY": "run-owner"}
+    settings = Settings.from_env(env)
     recorder = Recorder(create_app(settings))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

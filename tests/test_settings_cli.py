@@ -12,14 +12,17 @@ from session_sidecar.errors import ConfigError
 from session_sidecar.settings import Settings
 
 DEV = {"isDevelopmentMode": "enabled", "defaultUsername": "dev"}
+# The least a production start needs: a way to verify tokens and the backend to ask.
+PROD = {"SIDECAR_JWT_SECRET": "x", "SIDECAR_BACKEND_URL": "http://backend:8000"}
 
 
 def test_defaults_match_the_spec() -> None:
-    s = Settings.from_env({"SIDECAR_JWT_SECRET": "x"})
+    s = Settings.from_env(PROD)
     assert s.redis_url == "redis://localhost:6379/0"
     assert (s.stream_prefix, s.api_prefix, s.host, s.port) == ("chat:stream", "/api/v1", "0.0.0.0", 8080)
     assert (s.stale_after_s, s.default_duration_s, s.status_ttl_s, s.redis_timeout_ms) == (600, 60, 600, 500)
-    assert (s.access_policy, s.access_cache_ttl_s) == ("run-owner", 30)
+    assert (s.policy, s.access_cache_ttl_s, s.active_cursor) == ("backend", 30, "last")
+    assert s.cors_origins == ("http://localhost:3000",)
     assert s.conversation_id_pattern == r"^[A-Za-z0-9._-]{1,128}$"
     assert not s.redis_cluster and s.development_mode is False
 
@@ -70,7 +73,8 @@ def test_backend_redis_variables_are_the_fallback() -> None:
 
 
 def test_repr_never_shows_secrets() -> None:
-    s = Settings.from_env({"SIDECAR_REDIS_URL": "redis://u:hunter2@h:1/0", "SIDECAR_JWT_SECRET": "topsecret"})
+    env = {**PROD, "SIDECAR_REDIS_URL": "redis://u:hunter2@h:1/0", "SIDECAR_JWT_SECRET": "topsecret"}
+    s = Settings.from_env(env)
     assert "hunter2" not in repr(s) and "topsecret" not in repr(s) and "topsecret" not in str(s)
     assert "redis://u:***@h:1/0" in repr(s)
 
@@ -96,6 +100,8 @@ def test_repr_never_shows_secrets() -> None:
         ({"SIDECAR_JWT_LEEWAY_S": "3600", **DEV}, "SIDECAR_JWT_LEEWAY_S"),
         ({"SIDECAR_BACKEND_URL": "ftp://backend", **DEV}, "SIDECAR_BACKEND_URL"),
         ({"REDIS_STREAM_PREFIX": "task:status:x", **DEV}, "REDIS_STREAM_PREFIX"),
+        ({"SIDECAR_ACTIVE_CURSOR": "middle", **DEV}, "SIDECAR_ACTIVE_CURSOR"),
+        ({"SIDECAR_CORS_ALLOWED_ORIGINS": " , ", **DEV}, "SIDECAR_CORS_ALLOWED_ORIGINS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
@@ -127,8 +133,33 @@ def test_serve_refuses_to_start_without_verification_in_one_line() -> None:
 
 
 def test_serve_refuses_bad_port_flag_value_in_one_line() -> None:
-    result = _cli("serve", "--port", "0", env={"SIDECAR_JWT_SECRET": "x"})
+    result = _cli("serve", "--port", "0", env=PROD)
     assert result.returncode == 2 and "SIDECAR_PORT" in result.stderr
+
+
+def test_serve_without_backend_url_or_explicit_run_owner_exits_2_naming_both() -> None:
+    result = _cli("serve", env={"SIDECAR_JWT_SECRET": "x"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "SIDECAR_BACKEND_URL" in lines[0] and "SIDECAR_ACCESS_POLICY=run-owner" in lines[0]
+
+
+def test_access_policy_in_force() -> None:
+    assert Settings.from_env(PROD).policy == "backend"
+    explicit = Settings.from_env({"SIDECAR_JWT_SECRET": "x", "SIDECAR_ACCESS_POLICY": "run-owner"})
+    assert explicit.policy == "run-owner"
+    # Development mode without a backend is single-user, as the backend's is; naming a policy wins.
+    assert Settings.from_env(DEV).policy == "single-user"
+    assert Settings.from_env({**DEV, "SIDECAR_ACCESS_POLICY": "run-owner"}).policy == "run-owner"
+    assert Settings.from_env({**DEV, "SIDECAR_BACKEND_URL": "http://b"}).policy == "backend"
+
+
+def test_cors_origins_fall_back_to_the_backends_variable() -> None:
+    backend = {**DEV, "CORS_ALLOWED_ORIGINS": "https://app.example, http://localhost:3000"}
+    assert Settings.from_env(backend).cors_origins == ("https://app.example", "http://localhost:3000")
+    ours = {**backend, "SIDECAR_CORS_ALLOWED_ORIGINS": "https://only.example"}
+    assert Settings.from_env(ours).cors_origins == ("https://only.example",)
 
 
 def test_version_and_help() -> None:
