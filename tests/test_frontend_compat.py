@@ -28,7 +28,9 @@ def now_ms() -> int:
 
 
 @pytest.fixture
-async def cors_api(make_settings: Callable[..., Settings], redis_client: aioredis.Redis) -> AsyncIterator[Api]:
+async def cors_api(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis
+) -> AsyncIterator[Api]:
     async for api in open_api(make_settings(cors_allowed_origins=f"{APP_ORIGIN}, http://localhost:3000")):
         yield api
 
@@ -134,7 +136,8 @@ async def test_conversation_reservation_reads_no_key(api: Api, redis_client: aio
     for endpoint in ("active-session", "task-status"):
         assert (await api.get("reservation", endpoint)).status_code == 404
     stats = await redis_client.info("commandstats")
-    read = {name for name in stats if name.split("_", 1)[-1] in ("scan", "xrange", "xrevrange", "get", "pttl")}
+    reads = ("scan", "xrange", "xrevrange", "get", "pttl")
+    read = {name for name in stats if name.split("_", 1)[-1] in reads}
     assert not read, read
 
 
