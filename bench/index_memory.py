@@ -61,7 +61,8 @@ def wait_ready(port: int, timeout_s: float = 300) -> float:
 
 def serve(url: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SIDECAR_REDIS_URL": url, "SIDECAR_JWT_SECRET": "x" * 32,
-           "SIDECAR_INDEX_MODE": "index", "SIDECAR_LOG_LEVEL": "warning"}  # fmt: skip
+           "SIDECAR_INDEX_MODE": "index", "SIDECAR_LOG_LEVEL": "warning",
+           "SIDECAR_ACCESS_POLICY": "run-owner"}  # fmt: skip
     args = [sys.executable, "-m", "session_sidecar", "serve", "--host", "127.0.0.1", "--port", str(port)]
     return subprocess.Popen(args, env=env)
 

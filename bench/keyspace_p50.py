@@ -59,7 +59,8 @@ def main() -> None:
         asyncio.run(seed(server.url))
         port = free_port()
         env = {**os.environ, "SIDECAR_REDIS_URL": server.url, "SIDECAR_JWT_SECRET": JWT_SECRET,
-               "SIDECAR_LOG_LEVEL": "error", "SIDECAR_INDEX_MODE": args.mode}  # fmt: skip
+               "SIDECAR_LOG_LEVEL": "error", "SIDECAR_INDEX_MODE": args.mode,
+               "SIDECAR_ACCESS_POLICY": "run-owner"}  # fmt: skip
         cmd = [sys.executable, "-m", "session_sidecar", "serve", "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(cmd, env=env)
         try:

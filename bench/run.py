@@ -232,6 +232,8 @@ def make_server(name: str, redis_url: str, fill_json: Path, out: Path, extra_env
         env.update(
             SIDECAR_REDIS_URL=redis_url,
             SIDECAR_JWT_SECRET=JWT_SECRET,
+            # The filled runs are named by user id; no backend runs in the bench.
+            SIDECAR_ACCESS_POLICY="run-owner",
             SIDECAR_LOG_LEVEL="warning",
             REDIS_STREAM_PREFIX="chat:stream",
             SIDECAR_API_PREFIX="/api/v1",
