@@ -21,24 +21,34 @@ from session_sidecar.embedded import EmbeddedRedis
 from session_sidecar.errors import ConfigError
 from session_sidecar.observability import configure_logging
 from session_sidecar.settings import Settings
-from session_sidecar.simulator import BackendSimulator, conversation_id, live_run
+from session_sidecar.simulator import BackendSimulator, Naming, Outcome, conversation_id, live_run
 
 DEMO_USER = "demo-user"
 OTHER_USERS = ("alice", "bob")
-OUTCOMES = ("completed",) * 14 + ("cancelled",) * 3 + ("error",) * 2 + ("crashed",)
+# Most runs are named by the web frontend (`conversation:current_user_id:{ms}`); regenerates
+# and API clients get the backend's `conversation:{user}:...` ids.
+NAMINGS: tuple[Naming, ...] = ("frontend",) * 7 + ("regenerate",) * 2 + ("message",)
+# `stopped` deletes the run on newer backends and leaves it `running` on old ones.
+OUTCOMES: tuple[Outcome, ...] = ("completed",) * 14 + ("stopped",) * 3 + ("error",) * 2 + ("crashed",)
 
 
 async def featured_conversation(sim: BackendSimulator, conversation: str, user: str) -> None:
-    """Back-to-back long runs, so the printed curl lines find an active run at any moment."""
+    """Back-to-back long runs from the web frontend, so the printed curl lines find an active
+    run at any moment (never stopped: a stopped run vanishes)."""
     while True:
-        await live_run(sim, conversation, user, chunks=random.randint(150, 400))
+        await live_run(sim, conversation, user, chunks=random.randint(150, 400), naming="frontend")
 
 
 async def background_conversation(sim: BackendSimulator, conversation: str, user: str) -> None:
     while True:
         await asyncio.sleep(random.uniform(2, 6))
         await live_run(
-            sim, conversation, user, chunks=random.randint(10, 60), outcome=random.choice(OUTCOMES)
+            sim,
+            conversation,
+            user,
+            chunks=random.randint(10, 60),
+            outcome=random.choice(OUTCOMES),
+            naming=random.choice(NAMINGS),
         )
 
 
@@ -137,7 +147,8 @@ session-sidecar demo
   Redis ({binary}, embedded):   {server.url}
   Sidecar:                      {base}
   Development mode: requests without a token act as user '{settings.default_username}'.
-  A simulated backend writes live runs (some cancelled, some failing) for several users.
+  A simulated backend writes live runs for several users: most named by the web frontend,
+  some regenerated, some stopped (and deleted, as the backend does), some failing.
 
 Try (this conversation has a run streaming right now):
   curl {conv}/active-session
