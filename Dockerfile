@@ -27,12 +27,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
-# Only what the package build reads (.dockerignore keeps the rest out).
-COPY pyproject.toml README.md ./
+# Only what the package build reads, and the pinned versions (.dockerignore keeps the rest out).
+COPY pyproject.toml README.md requirements.lock ./
 COPY session_sidecar/ ./session_sidecar/
 
 # A regular (non-editable) install; uvicorn[standard] brings uvloop and httptools.
-RUN /opt/venv/bin/python -m pip install --no-warn-script-location .
+# Every dependency at the version requirements.lock pins, so two builds of one
+# commit install the same set. After changing dependencies in pyproject.toml,
+# regenerate it (add --upgrade to move every pin to the newest release):
+#   uv pip compile pyproject.toml --universal --python-version 3.11 -o requirements.lock
+RUN /opt/venv/bin/python -m pip install --no-warn-script-location -c requirements.lock .
 # Fail the build, not the first request, if the fast loop/parser or the entry point is missing.
 RUN /opt/venv/bin/python -c "import uvloop, httptools, session_sidecar.app" \
  && /opt/venv/bin/session-sidecar --version
