@@ -134,16 +134,8 @@ class Authenticator:
             await self._own_http.aclose()
 
     async def authenticate(self, header: str | None) -> Identity:
-        try:
-            return await self._authenticate(header)
-        except Unauthorized as exc:
-            log.info("token rejected: %s", exc.reason)
-            raise
-        except Unavailable as exc:
-            log.warning("token not checked: %s unavailable", exc.reason)
-            raise
-
-    async def _authenticate(self, header: str | None) -> Identity:
+        # Refusals are not logged here: the request's access line carries the reason, and the
+        # JWKS cache logs an unreachable issuer once per fetch, not once per request.
         token = bearer_token(header)
         settings = self._settings
         if token is None:

@@ -3,32 +3,60 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from session_sidecar import __version__
+
+SERVICE = "session-sidecar"
 access_log = logging.getLogger("session_sidecar.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Label values must stay bounded: any other method a client sends is counted as `other`.
+_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
 
 
 class Metrics:
     """Own registry per app, so several apps in one process (tests) do not collide."""
 
     def __init__(self) -> None:
+        # `*_created` series double the series count and no dashboard or alert reads them.
+        # prometheus-client only offers this switch process-wide; this process serves one app.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
         self.registry = CollectorRegistry()
+        # process_resident_memory_bytes (how the README's memory figure is watched), CPU, fds;
+        # python_info; GC pressure.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        build = Gauge(
+            "sidecar_build_info", "The running version (always 1)", ["version"], registry=self.registry
+        )
+        build.labels(__version__).set(1)
         self.requests = Counter(
             "sidecar_requests", "HTTP requests", ["route", "status"], registry=self.registry
         )
         self.latency = Histogram(
             "sidecar_request_duration_seconds",
             "HTTP request latency",
-            ["route"],
+            ["route", "method", "status"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
@@ -49,6 +77,21 @@ class Metrics:
             "Seconds since the index last heard from Redis (notification or sync)",
             registry=self.registry,
         )
+        # Without an index (SIDECAR_INDEX_MODE=scan) there is no size or lag: NaN, never 0.0,
+        # which would read as "empty and in sync". A live index replaces both with its own readings.
+        self.index_runs.set(math.nan)
+        self.index_lag.set(math.nan)
+        self.index_enabled = Gauge(
+            "sidecar_index_enabled",
+            "1 while answers come from the live index, 0 while every request SCANs the keyspace",
+            registry=self.registry,
+        )
+        self.scan_lookup = Gauge(
+            "sidecar_scan_lookup_seconds",
+            "One SCAN lookup, timed while keyspace notifications are off (NaN: not timed)",
+            registry=self.registry,
+        )
+        self.scan_lookup.set(math.nan)
 
 
 def route_label(path: str) -> str:
@@ -57,7 +100,7 @@ def route_label(path: str) -> str:
         return "active-session"
     if path.endswith("/task-status"):
         return "task-status"
-    if path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+    if path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
         return path[1:]
     return "other"
 
@@ -94,7 +137,8 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - start
             route = route_label(scope["path"])
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.latency.labels(route, method, str(status)).observe(elapsed)
             if route not in ("healthz", "readyz", "metrics"):
                 access_log.info(
                     "request",
@@ -125,8 +169,11 @@ _json = msgspec.json.Encoder()
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            # RFC 3339, UTC, milliseconds: what log pipelines parse without a custom format.
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
+            "service": SERVICE,
+            "version": __version__,
             "logger": record.name,
             "msg": record.getMessage(),
         }
@@ -145,6 +192,9 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Library warnings (PyJWT's InsecureKeyLengthWarning, deprecations) become `py.warnings`
+    # records in the JSON stream instead of raw lines on stderr.
+    logging.captureWarnings(True)
     # Our own access line replaces uvicorn's (which prints full paths and no user).
     logging.getLogger("uvicorn.access").disabled = True
     for name in ("uvicorn", "uvicorn.error"):

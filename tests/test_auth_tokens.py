@@ -156,9 +156,8 @@ async def test_negative_matrix_reason(
     assert refused.status_code == 401
     expected = 'Bearer realm="session-sidecar"' if reason == "missing" else 'Bearer error="invalid_token"'
     assert refused.headers["WWW-Authenticate"] == expected
-    assert f"token rejected: {reason}" in caplog.text
-    if value and len(value) > 10:
-        assert value.split()[-1] not in caplog.text
+    # Nothing logged here (so never the token): the request's one access line carries the reason.
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(("case", "header", "reason"), NEGATIVE, ids=[c[0] for c in NEGATIVE])
