@@ -1,0 +1,110 @@
+"""What the hub keeps per followed stream and per listener: a cursor, and a bounded buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+
+from session_sidecar.streams.wire import Entry, StreamId, format_id
+
+
+class Reason(enum.Enum):
+    """Why a listener was closed by the hub (an `end` entry is seen by the listener itself)."""
+
+    GONE = "gone"  # the stream key disappeared: expired, or deleted by a stop
+    OVERFLOW = "overflow"  # its client read too slowly: its buffer filled up
+    SHUTDOWN = "shutdown"
+    ERROR = "error"  # Redis failed and did not come back at once
+
+
+class Closed(Exception):
+    def __init__(self, reason: Reason):
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+class Listener:
+    """One client's share of a followed stream.
+
+    The hub pushes whole batches (one list per stream per read, shared by every
+    listener of that stream) without ever waiting: past `limit` buffered entries
+    the listener is closed, and its client is the only one to notice.
+    """
+
+    __slots__ = ("_batches", "_limit", "_size", "_waiter", "after", "closed", "key")
+
+    def __init__(self, key: str, after: StreamId, limit: int):
+        self.key = key
+        self.after = after  # the last entry id its client has been given
+        self.closed: Reason | None = None
+        self._limit = limit
+        self._batches: deque[list[Entry]] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, batch: list[Entry]) -> bool:
+        """Buffer a batch; False if that overflowed the buffer (the listener is then closed)."""
+        if self.closed is not None:
+            return False
+        self._size += len(batch)
+        if self._size > self._limit:
+            self.close(Reason.OVERFLOW)
+            return False
+        self._batches.append(batch)
+        self._wake()
+        return True
+
+    def close(self, reason: Reason) -> None:
+        if self.closed is not None:
+            return
+        self.closed = reason
+        if reason is Reason.OVERFLOW:
+            # Dropped at once: a client that fell this far behind resumes from its own last id.
+            self._batches.clear()
+            self._size = 0
+        self._wake()
+
+    async def next(self, wait_s: float | None) -> list[Entry]:
+        """The entries after `after` buffered so far, waiting up to `wait_s` for one;
+        `[]` on timeout. Raises `Closed` once the buffer is drained and the hub closed it."""
+        while True:
+            if self._batches:
+                fresh = [e for batch in self._batches for e in batch if e.sid > self.after]
+                self._batches.clear()
+                self._size = 0
+                if fresh:
+                    self.after = fresh[-1].sid
+                    return fresh
+                continue
+            if self.closed is not None:
+                raise Closed(self.closed)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._waiter
+            except TimeoutError:
+                return []
+            finally:
+                self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class Followed:
+    """A stream with at least one listener. `cursor` is the last id the hub read from it:
+    every entry up to it went to every listener present at the time, nothing after it did."""
+
+    __slots__ = ("alive_key", "cursor", "key", "last_activity", "listeners", "seen")
+
+    def __init__(self, key: str, after: StreamId, alive_key: str | None):
+        self.key = key
+        self.cursor = format_id(after)
+        # A queued run's status key keeps a stream that does not exist yet alive (8.2).
+        self.alive_key = alive_key
+        self.seen = alive_key is None
+        self.listeners: set[Listener] = set()
+        self.last_activity = time.monotonic()

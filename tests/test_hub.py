@@ -1,0 +1,333 @@
+"""The hub (SPEC 8.4) against a real Redis: a fixed few connections for any number of
+listeners, prompt joins, fan-out, slow listeners closed alone, killed connections
+replaced without a gap or a duplicate, vanished keys noticed; and Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from session_sidecar.embedded import EmbeddedRedis, find_server_binary, free_port
+from session_sidecar.settings import Settings
+from session_sidecar.store import create_client
+from session_sidecar.streams import hub as hub_module
+from session_sidecar.streams import readers
+from session_sidecar.streams.follow import follow
+from session_sidecar.streams.hub import StreamHub
+from session_sidecar.streams.listener import Closed, Listener, Reason
+from session_sidecar.streams.wire import ZERO, Entry, parse_id
+from tests.test_index import wait_for
+from tests.topology import cli_beside, cluster_ok
+
+
+@contextlib.asynccontextmanager
+async def running_hub(settings: Settings, **kwargs: Any) -> AsyncIterator[StreamHub]:
+    client = create_client(settings)
+    hub = StreamHub(settings, client, **kwargs)
+    hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+@pytest.fixture
+async def hub(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis
+) -> AsyncIterator[StreamHub]:
+    async with running_hub(make_settings()) as hub:
+        yield hub
+
+
+async def add(client: aioredis.Redis | RedisCluster, key: str, n: int, prefix: str = "e") -> list[str]:
+    ids = []
+    for i in range(n):
+        entry_id: Any = await client.xadd(key, {"type": "chunk", "content": f"{prefix}{i}"})
+        ids.append(entry_id.decode())
+    return ids
+
+
+async def take(listener: Listener, n: int, timeout_s: float = 10) -> list[Entry]:
+    """Exactly `n` entries (failing on more arriving with them), within `timeout_s`."""
+    got: list[Entry] = []
+    async with asyncio.timeout(timeout_s):
+        while len(got) < n:
+            got.extend(await listener.next(None))
+    assert len(got) == n, got
+    return got
+
+
+def contents(entries: list[Entry]) -> list[str]:
+    return [e.fields["content"] for e in entries]
+
+
+async def hub_clients(client: aioredis.Redis) -> list[dict[str, Any]]:
+    listed: Any = await client.client_list()
+    return [c for c in listed if c["name"] == readers.HUB_CLIENT_NAME]
+
+
+async def test_fan_out_to_every_listener_in_order(hub: StreamHub, redis_client: aioredis.Redis) -> None:
+    listeners = [hub.subscribe("s1", ZERO) for _ in range(5)]
+    other = hub.subscribe("s2", ZERO)
+    await add(redis_client, "s1", 20)
+    await add(redis_client, "s2", 3, "o")
+    for listener in listeners:
+        assert contents(await take(listener, 20)) == [f"e{i}" for i in range(20)]
+    assert contents(await take(other, 3)) == ["o0", "o1", "o2"]
+    batches = [await hub.subscribe("s1", ZERO).next(5) for _ in range(2)]
+    assert batches[0] == [] and batches[1] == []  # 0-0 on a followed stream: only what comes next
+
+
+async def test_a_stream_joins_without_waiting_out_the_block(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(readers, "BLOCK_MS", 60_000)  # without CLIENT UNBLOCK a join would wait a minute
+    monkeypatch.setattr(hub_module, "READERS", 1)
+    async with running_hub(make_settings()) as hub:
+        first = hub.subscribe("s1", ZERO)
+        await add(redis_client, "s1", 1)
+        await take(first, 1)  # the reader is now blocked on s1 alone
+        await asyncio.sleep(0.2)
+        for i in range(5):  # each join interrupts the block
+            joined = hub.subscribe(f"j{i}", ZERO)
+            await add(redis_client, f"j{i}", 1)
+            assert contents(await take(joined, 1, timeout_s=20)) == ["e0"]
+        hub.unsubscribe(first)
+        await add(redis_client, "s1", 1)  # nobody listens: read at most once, delivered to no one
+
+
+async def test_a_slow_listener_is_closed_alone(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis
+) -> None:
+    async with running_hub(make_settings(), buffer=4) as hub:
+        slow = hub.subscribe("s1", ZERO)
+        fast = hub.subscribe("s1", ZERO)
+        got: list[Entry] = []
+        for i in range(20):
+            await redis_client.xadd("s1", {"type": "chunk", "content": f"e{i}"})
+            got.extend(await take(fast, 1))  # never held back by the one that does not read
+        assert contents(got) == [f"e{i}" for i in range(20)]
+        assert slow.closed is Reason.OVERFLOW
+        with pytest.raises(Closed) as closed:
+            await slow.next(1)
+        assert closed.value.reason is Reason.OVERFLOW
+
+
+async def test_killed_hub_connections_are_replaced_without_gap_or_duplicate(
+    hub: StreamHub, redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    keys = ["s1", "s2", "s3"]
+    listeners = {key: [hub.subscribe(key, ZERO) for _ in range(3)] for key in keys}
+    writer = aioredis.Redis.from_url(redis_url)  # killed too: it retries, Redis is the reference
+
+    async def write() -> None:
+        for i in range(200):
+            for key in keys:
+                while True:
+                    try:
+                        await writer.xadd(key, {"type": "chunk", "content": f"e{i}"})
+                        break
+                    except RedisConnectionError:
+                        continue
+            if i % 5 == 0:
+                await asyncio.sleep(0.005)
+
+    writing = asyncio.create_task(write())
+    kills = 0
+    while not writing.done():
+        await asyncio.sleep(0.05)
+        hub_conns = await hub_clients(redis_client)
+        if kills % 2 == 0 and hub_conns:
+            kills += await redis_client.client_kill_filter(_id=hub_conns[0]["id"])
+        else:  # every normal client at once: the hub's and the pool's
+            kills += min(1, await redis_client.client_kill_filter(_type="normal", skipme=True))
+    await writing
+    await writer.aclose()
+    assert kills >= 4
+    for key in keys:
+        stored: Any = await redis_client.xrange(key)
+        expected = [fields[b"content"].decode() for _, fields in stored]
+        for listener in listeners[key]:
+            assert contents(await take(listener, len(expected), timeout_s=30)) == expected
+
+    async def replaced() -> bool:
+        return len(await hub_clients(redis_client)) == 2  # replaced, not multiplied
+
+    await wait_for(replaced)
+
+
+async def test_a_thousand_listeners_share_the_fixed_connections(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with EmbeddedRedis() as own:  # its own server: every client listed is the hub's or this test's
+        writer = aioredis.Redis.from_url(own.url, client_name="test-writer")
+        async with running_hub(make_settings(redis_url=own.url)) as hub:
+            keys = [f"s{i}" for i in range(10)]
+            listeners = [hub.subscribe(keys[i % 10], ZERO) for i in range(1000)]
+            for key in keys:
+                await add(writer, key, 5)
+            for listener in listeners:
+                assert contents(await take(listener, 5)) == [f"e{i}" for i in range(5)]
+            await asyncio.sleep(2.5)  # a check for vanished keys has used the pool too
+            listed: Any = await writer.client_list()
+            names = [c["name"] for c in listed if c["name"] != "test-writer"]
+            assert names.count(readers.HUB_CLIENT_NAME) == hub_module.READERS == 2
+            assert len(names) <= 2 + 2  # the hub's two, and the pool's one or two
+        await writer.aclose()
+
+
+async def test_vanished_and_replaced_keys_close_their_listeners(
+    hub: StreamHub, redis_client: aioredis.Redis
+) -> None:
+    gone, replaced, kept = (
+        hub.subscribe("gone", ZERO),
+        hub.subscribe("replaced", ZERO),
+        hub.subscribe("kept", ZERO),
+    )
+    for key in ("gone", "replaced", "kept"):
+        await add(redis_client, key, 1)
+    for listener in (gone, replaced, kept):
+        await take(listener, 1)
+    await redis_client.delete("gone")  # expiry or a stop: XREAD alone would never tell
+    await redis_client.set("tmp", "a string")
+    await redis_client.rename("tmp", "replaced")  # WRONGTYPE for any read naming it
+    for listener in (gone, replaced):
+        with pytest.raises(Closed) as closed:
+            await asyncio.wait_for(listener.next(None), 15)
+        assert closed.value.reason is Reason.GONE
+    await add(redis_client, "kept", 2, "k")
+    assert contents(await take(kept, 2)) == ["k0", "k1"]
+
+
+async def test_an_unseen_stream_lives_while_its_status_key_does(
+    hub: StreamHub, redis_client: aioredis.Redis
+) -> None:
+    await redis_client.set("status", "queued")
+    waiting = hub.subscribe("later", ZERO, alive_key="status")
+    orphan = hub.subscribe("never", ZERO, alive_key="no-status")
+    with pytest.raises(Closed):
+        await asyncio.wait_for(orphan.next(None), 15)
+    await asyncio.sleep(0.5)
+    await add(redis_client, "later", 1)
+    assert contents(await take(waiting, 1)) == ["e0"]
+
+
+async def test_follow_hands_over_when_the_hub_is_ahead(hub: StreamHub, redis_client: aioredis.Redis) -> None:
+    """The replay ended at e2, but the hub had already read up to e5 for another listener:
+    the tail read after subscribing fills e3..e5, the hub brings e6 on, each exactly once."""
+    ahead = hub.subscribe("s1", ZERO)
+    ids = await add(redis_client, "s1", 6)
+    await take(ahead, 6)
+    position = parse_id(ids[2])
+    assert position is not None
+    batches = follow(hub, "s1", position, [], timeout_s=1, idle=lambda: 10)
+    got = await anext(batches)
+    assert contents(got) == ["e3", "e4", "e5"]
+    await add(redis_client, "s1", 1, "n")
+    assert contents(await anext(batches)) == ["n0"]
+    await redis_client.xadd("s1", {"type": "end", "status": "completed"})
+    assert [e.type for e in await anext(batches)] == ["end"]
+    with pytest.raises(StopAsyncIteration):
+        await anext(batches)
+
+
+async def test_redis_down_closes_listeners_with_an_error(make_settings: Callable[..., Settings]) -> None:
+    with EmbeddedRedis() as own:
+        async with running_hub(make_settings(redis_url=own.url, redis_timeout_ms=300)) as hub:
+            listener = hub.subscribe("s1", ZERO)
+            writer = aioredis.Redis.from_url(own.url)
+            await add(writer, "s1", 1)
+            await take(listener, 1)
+            await writer.aclose()
+            own.stop()
+            with pytest.raises(Closed) as closed:
+                await asyncio.wait_for(listener.next(None), 20)
+            assert closed.value.reason is Reason.ERROR
+
+
+async def test_cluster_polls_every_node_on_bounded_connections(
+    make_settings: Callable[..., Settings],
+) -> None:
+    redis_cli = cli_beside(find_server_binary())
+    args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+    nodes = [EmbeddedRedis(free_port(below=55536), extra_args=args).start() for _ in range(3)]
+    try:
+        subprocess.run(  # noqa: ASYNC221 - a one-off set-up step
+            [redis_cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        writer = RedisCluster.from_url(nodes[0].url)
+        await wait_for(cluster_ok(writer), timeout_s=10)
+        keys = [f"chat:stream:c:run-{i}" for i in range(12)]  # slots on every node
+        async with running_hub(make_settings(redis_url=nodes[1].url, redis_cluster=True)) as hub:
+            listeners = [hub.subscribe(keys[i % 12], ZERO) for i in range(300)]
+            for key in keys:
+                await add(writer, key, 3)
+            for listener in listeners:
+                assert contents(await take(listener, 3)) == ["e0", "e1", "e2"]
+            for node in nodes:
+                direct = aioredis.Redis.from_url(node.url)
+                listed: Any = await direct.client_list()
+                await direct.aclose()
+                assert len(listed) <= 4, listed  # the pool's one or two, the writer's, this one
+        await writer.aclose()
+    finally:
+        for node in nodes:
+            node.close()
+
+
+async def test_behind_sentinel(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub's own connections find the master through Sentinel as the pool does, and
+    its joins still interrupt the block (CLIENT UNBLOCK reaches the master too)."""
+    monkeypatch.setattr(readers, "BLOCK_MS", 60_000)
+    redis_server = find_server_binary()
+    assert redis_server
+    with EmbeddedRedis() as master, tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        conf = Path(tmp) / "sentinel.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {tmp}\nsentinel monitor m 127.0.0.1 {master.port} 1\n"
+        )
+        sentinel = subprocess.Popen([redis_server, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)  # noqa: ASYNC220
+        try:
+            probe = aioredis.Redis(port=port)
+
+            async def sentinel_knows_master() -> bool:
+                with contextlib.suppress(Exception):
+                    return bool(await probe.execute_command("SENTINEL", "get-master-addr-by-name", "m"))  # type: ignore[no-untyped-call]
+                return False
+
+            await wait_for(sentinel_knows_master, timeout_s=10)
+            await probe.aclose()
+            settings = make_settings(
+                redis_url="redis://127.0.0.1:1/0",
+                redis_sentinels=f"127.0.0.1:{port}",
+                redis_sentinel_master="m",
+            )
+            writer = aioredis.Redis.from_url(master.url)
+            async with running_hub(settings) as hub:
+                first = hub.subscribe("s1", ZERO)
+                await add(writer, "s1", 2)
+                assert contents(await take(first, 2)) == ["e0", "e1"]
+                joined = hub.subscribe("s2", ZERO)
+                await add(writer, "s2", 1)
+                assert contents(await take(joined, 1, timeout_s=20)) == ["e0"]
+                assert len(await hub_clients(writer)) == 2
+            await writer.aclose()
+        finally:
+            sentinel.terminate()
+            sentinel.wait(5)
