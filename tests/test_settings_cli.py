@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from session_sidecar.errors import ConfigError
-from session_sidecar.settings import Settings
+from session_sidecar.settings import ENV_VARS, Settings
 
 DEV = {"isDevelopmentMode": "enabled", "defaultUsername": "dev"}
 # The least a production start needs: a way to verify tokens and the backend to ask.
@@ -102,11 +102,32 @@ def test_repr_never_shows_secrets() -> None:
         ({"REDIS_STREAM_PREFIX": "task:status:x", **DEV}, "REDIS_STREAM_PREFIX"),
         ({"SIDECAR_ACTIVE_CURSOR": "middle", **DEV}, "SIDECAR_ACTIVE_CURSOR"),
         ({"SIDECAR_CORS_ALLOWED_ORIGINS": " , ", **DEV}, "SIDECAR_CORS_ALLOWED_ORIGINS"),
+        ({"SIDECAR_SHUTDOWN_TIMEOUT_S": "-5", **DEV}, "SIDECAR_SHUTDOWN_TIMEOUT_S must be >= 0"),
+        ({"SIDECAR_JWKS_MIN_REFETCH_S": "nan", **DEV}, "SIDECAR_JWKS_MIN_REFETCH_S"),
+        ({"SIDECAR_REDIS_URL": "redis://h:port/0", **DEV}, "SIDECAR_REDIS_URL"),
+        (
+            {"SIDECAR_REDIS_SENTINELS": "h", "SIDECAR_REDIS_SENTINEL_MASTER": "m", **DEV},
+            "SIDECAR_REDIS_SENTINELS must be host:port",
+        ),
+        # Enum and bool errors list what is accepted; number errors show what was given.
+        (
+            {"SIDECAR_LOG_LEVEL": "verbose", **DEV},
+            "SIDECAR_LOG_LEVEL: 'verbose' is not one of critical, error",
+        ),
+        ({"SIDECAR_ACCESS_POLICY": "owner", **DEV}, "'owner' is not one of run-owner, backend"),
+        ({"SIDECAR_INDEX_MODE": "live", **DEV}, "SIDECAR_INDEX_MODE: 'live' is not one of auto, index, scan"),
+        ({"SIDECAR_REDIS_CLUSTER": "yes", **DEV}, "SIDECAR_REDIS_CLUSTER: expected true or false"),
+        ({"SIDECAR_PORT": "80.5", **DEV}, "SIDECAR_PORT: expected a whole number, got '80.5'"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace("(", r"\(").replace("[", r"\[")):
         Settings.from_env(env)
+
+
+def test_log_level_is_one_of_the_levels_in_any_case() -> None:
+    assert Settings.from_env({**DEV, "SIDECAR_LOG_LEVEL": "DEBUG"}).log_level == "debug"
+    assert Settings.from_env(DEV).log_level == "info"
 
 
 def test_development_mode_needs_the_exact_word() -> None:
@@ -165,3 +186,76 @@ def test_cors_origins_fall_back_to_the_backends_variable() -> None:
 def test_version_and_help() -> None:
     assert _cli("--version", env={}).stdout.strip() == "0.1.0"
     assert "serve" in _cli("--help", env={}).stdout
+
+
+def test_serve_help_points_to_every_setting() -> None:
+    text = " ".join(_cli("serve", "--help", env={}).stdout.split())  # unwrapped
+    assert "README.md, section Settings" in text and "`session-sidecar config`" in text
+    for var in ENV_VARS:
+        assert var in text, var
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"SIDECAR_LOG_LEVEL": "verbose"},
+            "SIDECAR_LOG_LEVEL: 'verbose' is not one of critical, error, warning",
+        ),
+        ({"SIDECAR_SHUTDOWN_TIMEOUT_S": "-5"}, "SIDECAR_SHUTDOWN_TIMEOUT_S must be >= 0"),
+        ({"SIDECAR_HOST": "no-such-host.invalid"}, "SIDECAR_HOST 'no-such-host.invalid' does not resolve"),
+        (
+            {"SIDECAR_ACCESS_POLICY": "owner"},
+            "SIDECAR_ACCESS_POLICY: 'owner' is not one of run-owner, backend",
+        ),
+        (
+            {"SIDECAR_REDIS_CLUSTER": "yes"},
+            "SIDECAR_REDIS_CLUSTER: expected true or false (or 1 or 0), got 'yes'",
+        ),
+    ],
+    ids=["log-level", "shutdown-timeout", "host", "enum", "bool"],
+)
+def test_serve_refuses_each_bad_value_in_one_line(env: dict[str, str], expected: str) -> None:
+    # Checked before anything is started: no Redis is needed to be refused.
+    result = _cli("serve", env={**PROD, **env})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"session-sidecar: {expected}"), lines
+
+
+def test_config_prints_the_settings_in_force_without_secrets() -> None:
+    env = {
+        **PROD,
+        "SIDECAR_JWT_SECRET": "topsecret",
+        "SIDECAR_REDIS_URL": "redis://app:hunter2@cache:6380/0",
+        "SIDECAR_BACKEND_URL": "http://svc:pw@backend:8000",
+        "SIDECAR_REDIS_CLUSTER": "1",
+        "SIDECAR_LOG_LEVEL": "WARNING",
+    }
+    result = _cli("config", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "topsecret" not in result.stdout and "hunter2" not in result.stdout and ":pw@" not in result.stdout
+    lines = result.stdout.splitlines()
+    values = dict(line.split("=", 1) for line in lines if not line.startswith("#"))
+    assert list(values) == list(ENV_VARS)  # one line per variable, in the README's order
+    assert values["SIDECAR_REDIS_URL"] == "redis://app:***@cache:6380/0"
+    assert values["SIDECAR_JWT_SECRET"] == "***"
+    assert values["SIDECAR_BACKEND_URL"] == "http://svc:***@backend:8000"
+    assert (values["SIDECAR_REDIS_CLUSTER"], values["SIDECAR_LOG_LEVEL"]) == ("true", "warning")
+    assert (values["SIDECAR_PORT"], values["SIDECAR_JWKS_URL"], values["isDevelopmentMode"]) == (
+        "8080",
+        "",
+        "disabled",
+    )
+    assert "# access policy in force: backend" in lines
+    # Pasted back as an environment (secrets supplied again), they are the same settings.
+    secrets = {var: env[var] for var in ("SIDECAR_JWT_SECRET", "SIDECAR_REDIS_URL", "SIDECAR_BACKEND_URL")}
+    assert Settings.from_env({**{k: v for k, v in values.items() if v}, **secrets}) == Settings.from_env(env)
+
+
+def test_config_refuses_bad_settings_in_one_line() -> None:
+    result = _cli("config", env={**PROD, "SIDECAR_INDEX_MODE": "live"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "session-sidecar: SIDECAR_INDEX_MODE: 'live' is not one of auto, index, scan"
+    ]
