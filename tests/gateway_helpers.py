@@ -2,8 +2,8 @@
 
 * the real sidecar app (`create_app`), served by uvicorn in a thread and
   wrapped in a recorder that notes every request it receives;
-* a stub backend (stdlib HTTP server) that answers every GET with 200 and an
-  echo of what it received as JSON (so it also grants access when the sidecar
+* a stub backend (stdlib HTTP server) that answers every GET and POST with 200
+  and an echo of what it received as JSON (so it also grants access when the sidecar
   asks `/conversations/{id}/info/`), plus a few endpoints the gateway test
   streams through;
 * nginx (Debian package), run as the current user, with a generated top-level
@@ -145,9 +145,19 @@ def start_backend() -> Backend:
             if self.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection:
                 self._upgrade()
                 return
+            self._echo()
+
+        def do_POST(self) -> None:
+            # The backend's own resume route is a POST: a path the gateway leaves to it lands here.
+            holder[0].seen.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._echo()
+
+        def _echo(self) -> None:
             body = json.dumps(
                 {
                     "who": "backend",
+                    "method": self.command,
                     "path": self.path,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                 }

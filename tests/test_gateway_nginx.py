@@ -12,21 +12,27 @@ includer: the `listen` address and the addresses of the upstream groups
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import re
 import socket
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from session_sidecar.embedded import free_port
+from session_sidecar.settings import Settings
+from session_sidecar.simulator import BackendSimulator
 from tests.gateway_helpers import (
     BLOCK,
     DOWNLOAD_BLOCKS,
@@ -39,10 +45,13 @@ from tests.gateway_helpers import (
     start_nginx,
     start_sidecar,
 )
+from tests.streaming import parse_sse, sse_events
 
 PREFIX = "/api/v1"
 OPERATIONAL = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
-CANONICAL_SIDECAR_PATH = re.compile(r"/api/v1/conversations/[A-Za-z0-9._-]+/(active-session|task-status)")
+CANONICAL_SIDECAR_PATH = re.compile(
+    r"/api/v1/conversations/[A-Za-z0-9._-]+/(active-session|task-status|events|resume/[A-Za-z0-9._:-]+)"
+)
 CONVERSATION = "gw-conv-1"
 RUN_ID = "conversation:alice:msg-gw"
 SECRET = "gateway-test-secret-long-enough-for-hs256"
@@ -169,6 +178,10 @@ def test_query_string_is_passed_to_the_sidecar(stack: Stack) -> None:
         f"{PREFIX}/conversations/{CONVERSATION}/active-sessions",
         f"{PREFIX}/conversations/a/b/task-status",
         f"{PREFIX}/conversations/x%2Fy/message/?q=%2F",  # the backend gets the raw URI
+        f"{PREFIX}/conversations/{CONVERSATION}/events/",
+        f"{PREFIX}/conversations/{CONVERSATION}/eventsource",
+        f"{PREFIX}/conversations/{CONVERSATION}/resume/",
+        f"{PREFIX}/conversations/{CONVERSATION}/resume/a/b",
     ],
 )
 def test_neighbouring_paths_reach_the_backend(stack: Stack, path: str) -> None:
@@ -233,14 +246,19 @@ def test_request_id_is_set_when_absent_and_kept_when_present(stack: Stack) -> No
 # --- CORS: the sidecar answers it, the gateway passes it on ---------------------------------------
 
 
-@pytest.mark.parametrize("endpoint", ["active-session", "task-status"])
-def test_a_preflight_reaches_the_sidecar_and_gets_its_cors_answer(stack: Stack, endpoint: str) -> None:
+@pytest.mark.parametrize(
+    ("endpoint", "method"),
+    [("active-session", "GET"), ("task-status", "GET"), ("events", "GET"), (f"resume/{RUN_ID}", "POST")],
+)
+def test_a_preflight_reaches_the_sidecar_and_gets_its_cors_answer(
+    stack: Stack, endpoint: str, method: str
+) -> None:
     before, backend_before = len(stack.sidecar.recorder.seen), len(stack.backend.seen)
     path = f"{PREFIX}/conversations/{CONVERSATION}/{endpoint}"
-    # What a browser sends before a GET with an Authorization header: no token.
+    # What a browser sends before a request with an Authorization header: no token.
     preflight = {
         "Origin": FRONTEND_ORIGIN,
-        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Method": method,
         "Access-Control-Request-Headers": "authorization",
     }
     answer = get(stack.nginx.port, path, preflight, method="OPTIONS")
@@ -334,6 +352,162 @@ def test_websocket_upgrades_reach_the_backend(stack: Stack) -> None:
         assert echoed == b"ping through the tunnel\n"
 
 
+# --- the streamed sidecar endpoints: resume and events --------------------------------------------
+
+STREAMS_CONVERSATION = "gw-conv-streams"
+QUEUED = json.dumps({"message": "", "citations": [], "tool_calls": [], "thinking": None}).encode()
+
+
+def resume_object(message: str) -> bytes:
+    """What the backend's resume route writes for a chunk: Python's `json.dumps`, default arguments."""
+    return json.dumps({"message": message, "citations": [], "tool_calls": [], "thinking": None}).encode()
+
+
+@pytest.fixture
+async def writer(redis_url: str) -> AsyncIterator[BackendSimulator]:
+    # Not conftest's `sim`: that one flushes the database, and the module's stack keeps a run in it.
+    client = aioredis.Redis.from_url(redis_url)
+    yield BackendSimulator(client)
+    await client.aclose()
+
+
+async def live_run(writer: BackendSimulator) -> str:
+    run_id = await writer.new_run(STREAMS_CONVERSATION, "alice", uuid.uuid4().hex[:12])
+    await writer.queue(STREAMS_CONVERSATION, run_id)
+    await writer.start(STREAMS_CONVERSATION, run_id)
+    return run_id
+
+
+def gateway_url(stack: Stack, tail: str) -> str:
+    return f"http://127.0.0.1:{stack.nginx.port}{PREFIX}/conversations/{STREAMS_CONVERSATION}/{tail}"
+
+
+async def read_until(chunks: AsyncIterator[bytes], got: bytearray, wanted: bytes, what: str) -> None:
+    try:
+        async with asyncio.timeout(5):
+            while not got.endswith(wanted):
+                got += await anext(chunks)
+    except TimeoutError:
+        pytest.fail(f"{what} did not arrive while the run was being written: the gateway buffers ({got!r})")
+
+
+async def test_a_resume_through_the_gateway_streams_entries_as_they_are_written(
+    stack: Stack, writer: BackendSimulator
+) -> None:
+    run_id = await live_run(writer)
+    await writer.chunk(STREAMS_CONVERSATION, run_id, 'Hello ✓ 🎉 "quoted"\n')
+    # Every header of the frontend's fetch, gzip included: the production http block may compress.
+    headers = {**alice(), "Accept-Encoding": "gzip"}
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("POST", gateway_url(stack, f"resume/{run_id}"), headers=headers) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert "content-encoding" not in response.headers
+        chunks = response.aiter_raw()
+        got = bytearray()
+        # The replay, then each live entry, each before the next one is even written.
+        await read_until(chunks, got, QUEUED + resume_object('Hello ✓ 🎉 "quoted"\n'), "the replay")
+        for word in ("second ", "third "):
+            await writer.chunk(STREAMS_CONVERSATION, run_id, word)
+            await read_until(chunks, got, resume_object(word), f"the live chunk {word!r}")
+        await writer.end(STREAMS_CONVERSATION, run_id)
+        async with asyncio.timeout(5):  # `end`: the body ends, and nothing more is in it
+            async for piece in chunks:
+                got += piece
+    expected = QUEUED + b"".join(resume_object(m) for m in ('Hello ✓ 🎉 "quoted"\n', "second ", "third "))
+    assert bytes(got) == expected
+
+
+@pytest.mark.parametrize("spelling", ["raw", "percent-encoded"])
+async def test_a_resume_reaches_the_sidecar_with_the_run_ids_colons_and_the_cursor(
+    stack: Stack, writer: BackendSimulator, spelling: str
+) -> None:
+    start_ms = int(time.time() * 1000) - 60_000
+    run_id = await writer.full_run(STREAMS_CONVERSATION, "alice", uuid.uuid4().hex[:12], start_ms=start_ms)
+    assert run_id.count(":") == 2
+    ids: Any = await writer.client.xrange(writer.stream_key(STREAMS_CONVERSATION, run_id))
+    second_chunk = ids[3][0].decode()  # queued, start, chunk 0, chunk 1, chunk 2, end
+    in_path = run_id if spelling == "raw" else run_id.replace(":", "%3A")
+    path = f"{PREFIX}/conversations/{STREAMS_CONVERSATION}/resume/{in_path}?cursor={second_chunk}"
+    before = len(stack.sidecar.recorder.seen)
+    answer = await asyncio.to_thread(get, stack.nginx.port, path, alice(), "POST")
+    assert answer.status == 200, answer.body
+    # Inclusive from the cursor, which only a cursor that reached the sidecar can produce.
+    assert answer.body == resume_object("token 1 ") + resume_object("token 2 ")
+    (seen,) = stack.sidecar.recorder.seen[before:]
+    canonical = f"{PREFIX}/conversations/{STREAMS_CONVERSATION}/resume/{run_id}"
+    assert (seen.method, seen.path, seen.raw_path) == ("POST", canonical, canonical.encode())
+
+
+def test_a_run_id_the_gateway_cannot_rebuild_cleanly_goes_to_the_backend(stack: Stack) -> None:
+    # A space (or `%`, `?`, `/`) in the run id: not passed on through a rebuilt path, but the
+    # backend still serves its own resume route.
+    before = len(stack.sidecar.recorder.seen)
+    path = f"{PREFIX}/conversations/{CONVERSATION}/resume/conversation:a%20b:m"
+    answer = get(stack.nginx.port, path, alice(), method="POST")
+    assert answer.status == 200, answer.body
+    assert (answer.json()["who"], answer.json()["method"], answer.json()["path"]) == ("backend", "POST", path)
+    assert stack.sidecar.recorder.seen[before:] == []
+
+
+async def next_event(events: AsyncIterator[dict[str, Any]], what: str) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(5):
+            return await anext(events)
+    except TimeoutError:
+        pytest.fail(f"{what} did not arrive while the run was being written: the gateway buffers")
+
+
+async def test_events_stream_through_the_gateway_and_resume_from_last_event_id(
+    stack: Stack, writer: BackendSimulator
+) -> None:
+    run_id = await live_run(writer)
+    first = await writer.chunk(STREAMS_CONVERSATION, run_id, "one")
+    url, params = gateway_url(stack, "events"), {"run_id": run_id}
+    async with httpx.AsyncClient(timeout=10) as http:
+        headers = {**alice(), "Accept-Encoding": "gzip"}
+        async with http.stream("GET", url, params=params, headers=headers) as response:
+            assert response.status_code == 200, await response.aread()
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert "content-encoding" not in response.headers
+            events = sse_events(response)
+            assert await next_event(events, "retry") == {"retry": "2000"}
+            replayed = [await next_event(events, "the replay") for _ in range(3)]
+            assert [e["event"] for e in replayed] == ["queued", "start", "chunk"]
+            assert replayed[2]["id"] == first
+            second = await writer.chunk(STREAMS_CONVERSATION, run_id, "two")
+            live = await next_event(events, "a live chunk")
+            assert (live["id"], live["event"]) == (second, "chunk")
+            assert json.loads(live["data"])["message"] == "two"
+            end = await writer.end(STREAMS_CONVERSATION, run_id)
+            async with asyncio.timeout(5):
+                rest = [event async for event in events]
+            assert [(e["id"], e["event"]) for e in rest] == [(end, "end")]
+        # An EventSource reconnects with Last-Event-ID, which the gateway passes on.
+        headers = {**alice(), "Last-Event-ID": first}
+        again = await http.get(url, params=params, headers=headers)
+        assert again.status_code == 200
+        assert [e.get("id") for e in parse_sse(again.text)] == [None, second, end]  # `retry` first
+        after_end = await http.get(url, params=params, headers={**alice(), "Last-Event-ID": end})
+        assert after_end.status_code == 204
+
+
+def test_every_sidecar_location_outwaits_a_watch_and_a_keepalive() -> None:
+    # nginx closes an upstream connection silent for longer than proxy_read_timeout: a held watch,
+    # or a stream between two keepalives, must never be that silent.
+    defaults = Settings()
+    longest_silence = max(defaults.watch_max_s, defaults.resume_keepalive_s, defaults.sse_keepalive_s)
+    blocks = re.findall(r"^location ~ [^\n]*\{\n(.*?)^\}", GATEWAY_CONF.read_text(), re.M | re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        assert "proxy_pass http://session_sidecar/" in block
+        assert "proxy_buffering off;" in block
+        (read_timeout,) = re.findall(r"^\s*proxy_read_timeout (\d+)s;", block, re.M)
+        assert int(read_timeout) > longest_silence
+
+
 # --- tricks -------------------------------------------------------------------------------------
 
 TRICKS = [
@@ -353,6 +527,13 @@ TRICKS = [
     "/healthz/..%2Fapi/v1/conversations/x/task-status",
     f"//{PREFIX.lstrip('/')}//conversations//x//active-session",
     f"{PREFIX}/conversations/x%2F..%2F..%2F..%2F..%2Fmetrics%23/active-session",
+    f"{PREFIX}/conversations/x/resume/a/../../../../../healthz",
+    f"{PREFIX}/conversations/x/resume/..%2F..%2F..%2F..%2F..%2Fmetrics",
+    f"{PREFIX}/conversations/x/resume/a:b%2F..%2F..%2F..%2F..%2F..%2Freadyz",
+    f"{PREFIX}/conversations/x/resume/a:b%0A",
+    f"{PREFIX}/conversations/x/resume/a:b%3F/../../../../../metrics",
+    f"{PREFIX}/conversations/x/events/../../../../healthz",
+    f"{PREFIX}/conversations/x/events%2F..%2F..%2F..%2F..%2Fmetrics",
 ]
 
 
@@ -387,12 +568,15 @@ def test_unreachable_sidecar_is_a_json_503_not_a_404(stack: Stack, tmp_path: Pat
     dead = free_port()  # nothing listens there
     nginx = start_nginx(tmp_path / "nginx-dead", f"127.0.0.1:{dead}", f"127.0.0.1:{stack.backend.port}")
     try:
-        answer = get(nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/active-session", alice())
-        assert answer.status == 503
-        assert answer.headers["content-type"] == "application/json"
-        assert answer.headers["cache-control"] == "no-store"
-        assert int(answer.headers["retry-after"]) > 0
-        assert answer.json() == {"error": "Session service unavailable", "conversationId": CONVERSATION}
+        # The frontend takes any non-2xx resume for "could not resume", never for an empty answer.
+        for endpoint, method in (("active-session", "GET"), ("events", "GET"), (f"resume/{RUN_ID}", "POST")):
+            path = f"{PREFIX}/conversations/{CONVERSATION}/{endpoint}"
+            answer = get(nginx.port, path, alice(), method=method)
+            assert answer.status == 503, endpoint
+            assert answer.headers["content-type"] == "application/json"
+            assert answer.headers["cache-control"] == "no-store"
+            assert int(answer.headers["retry-after"]) > 0
+            assert answer.json() == {"error": "Session service unavailable", "conversationId": CONVERSATION}
         # The backend is unaffected.
         assert get(nginx.port, f"{PREFIX}/conversations/{CONVERSATION}/info/").json()["who"] == "backend"
     finally:
