@@ -2,9 +2,12 @@
 
 * Dockerfile: parsed; the builder stage's steps are run for real in a fresh
   venv (same COPY sources, filtered by .dockerignore; same RUN commands with
-  /opt/venv and /src mapped into a temp dir); the runtime stage's CMD is then
+  /opt/venv and /src mapped into a temp dir), which must hold exactly the
+  versions requirements.lock pins; the runtime stage's CMD is then
   started from that venv with the runtime stage's ENV, its HEALTHCHECK command
   is run against it, and SIGTERM is sent while a request is in flight.
+* the Markdown documents: every link stays inside the repository and
+  resolves; none gives another exit status after SIGTERM than the one measured.
 * docker-compose.yml: structure (services, ports, healthchecks, depends_on
   conditions, the Redis notification flags after Compose interpolation), and
   the inline gateway server block is run through `nginx -t` with the repo's
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,9 @@ import httpx
 import pytest
 import redis
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
 from session_sidecar.app import create_app
@@ -46,6 +53,8 @@ from session_sidecar.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
+LOCK = REPO / "requirements.lock"
+REGENERATE_LOCK = "uv pip compile pyproject.toml --universal --python-version 3.11 -o requirements.lock"
 COMPOSE = REPO / "docker-compose.yml"
 K8S = REPO / "deploy" / "kubernetes"
 GATEWAY_CONF = REPO / "deploy" / "nginx" / "sidecar-gateway.conf"
@@ -205,12 +214,44 @@ def build_context(root: Path) -> list[str]:
 
 def test_build_context_is_the_package_sources_only() -> None:
     context = build_context(REPO)
-    assert "pyproject.toml" in context
-    assert "README.md" in context
+    top = ("pyproject.toml", "README.md", "requirements.lock")
+    assert set(top) <= set(context)
     assert "session_sidecar/app.py" in context
     for rel in context:
-        assert rel in ("pyproject.toml", "README.md") or rel.startswith("session_sidecar/"), rel
+        assert rel in top or rel.startswith("session_sidecar/"), rel
         assert "__pycache__" not in rel and not rel.endswith(".pyc"), rel
+
+
+# --- requirements.lock: the versions the image installs -------------------------------------------
+
+
+def lock_pins() -> dict[str, Requirement]:
+    """requirements.lock by normalised name; every entry pins one version (`name==1.2.3 ; marker`)."""
+    pins: dict[str, Requirement] = {}
+    for line in LOCK.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pin = Requirement(line)
+        assert [spec.operator for spec in pin.specifier] == ["=="], f"not a pin: {line}"
+        pins[canonicalize_name(pin.name)] = pin
+    return pins
+
+
+def test_the_image_installs_from_a_lock_that_pins_every_dependency(dockerfile: list[Stage]) -> None:
+    builder = dockerfile[0]
+    copied = [source for copy in builder.all("COPY") for source in copy.args.split()[:-1]]
+    assert "requirements.lock" in copied
+    (install,) = [run.args for run in builder.all("RUN") if "pip install" in run.args]
+    assert re.search(r"\s-c requirements\.lock\s", install), install
+    pins = lock_pins()
+    for dependency in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        wanted = Requirement(dependency)
+        pin = pins.get(canonicalize_name(wanted.name))
+        assert pin is not None, f"{wanted.name} is not in requirements.lock; regenerate it: {REGENERATE_LOCK}"
+        (version,) = [spec.version for spec in pin.specifier]
+        assert wanted.specifier.contains(version), (
+            f"requirements.lock pins {pin} outside {dependency}; regenerate it: {REGENERATE_LOCK}"
+        )
 
 
 # --- Dockerfile: structure ------------------------------------------------------------------------
@@ -360,6 +401,32 @@ def test_builder_steps_install_a_self_contained_venv(image_venv: ImageVenv) -> N
     assert (image_venv.venv / "bin" / "session-sidecar").exists()
 
 
+@pytest.mark.timeout(300)  # builds the venv when run alone
+def test_builder_steps_install_exactly_the_locked_versions(image_venv: ImageVenv) -> None:
+    probe = subprocess.run(
+        [
+            str(image_venv.venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m, json;"
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    installed = {canonicalize_name(name): version for name, version in json.loads(probe.stdout).items()}
+    assert installed.pop(canonicalize_name("session-sidecar"))
+    # Both ways: nothing unpinned slipped in, and no pin that applies here is missing or stale.
+    locked = {
+        name: str(pin.specifier).removeprefix("==")
+        for name, pin in lock_pins().items()
+        if pin.marker is None or pin.marker.evaluate()
+    }
+    assert installed == locked, f"regenerate requirements.lock: {REGENERATE_LOCK}"
+
+
 @pytest.fixture(scope="module")
 def private_redis() -> Iterator[str]:
     # Its own server: the shutdown test pauses it.
@@ -474,6 +541,42 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits(
     assert answer["at"] <= exited_at
 
 
+# --- the documents -----------------------------------------------------------------------------------
+
+# An inline link's target, or a reference definition's.
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)|^\[[^\]]+\]:\s*(\S+)", re.MULTILINE)
+
+
+def documents() -> list[Path]:
+    """The repository's Markdown files (not those of venvs, caches or benchmark output)."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "out"]
+        found += [Path(root, name) for name in files if name.endswith(".md")]
+    return found
+
+
+def test_documents_link_only_inside_the_repository() -> None:
+    docs = documents()
+    assert REPO / "docs" / "contract.md" in docs, "the contract is the project's own document"
+    for doc in docs:
+        text = doc.read_text()
+        # A user with only the repository must be able to read everything it points to.
+        assert "../shared" not in text, doc
+        for match in MARKDOWN_LINK.finditer(text):
+            target = (match[1] or match[2]).split("#", 1)[0]
+            if not target or re.match(r"[a-z]+:", target):  # a heading, or https:, mailto:
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(REPO) and path.exists(), f"{doc.relative_to(REPO)} links to {target}"
+
+
+def test_documents_give_the_exit_status_the_sigterm_test_measures() -> None:
+    # test_sigterm_lets_the_in_flight_request_finish_then_exits sees status 0.
+    for doc in [*documents(), DOCKERFILE]:
+        assert not re.search(r"(exit|status)[^.]{0,40}\b143\b", doc.read_text()), doc
+
+
 # --- docker-compose.yml ---------------------------------------------------------------------------
 
 
@@ -563,8 +666,8 @@ def test_compose_ports_give_the_production_urls(compose: dict[str, Any]) -> None
     assert published("gateway") == [("8080", "8080")]
     assert published("sidecar") == [("8081", services["sidecar"]["environment"]["SIDECAR_PORT"])]
     assert published("redis") == [("6379", "6379")]
-    # Only the gateway listens beyond loopback; the rest are for local inspection.
-    for name in ("sidecar", "redis"):
+    # Loopback only, the gateway too: the stack's sidecar runs in development mode (no token).
+    for name in ("gateway", "sidecar", "redis"):
         assert all(interpolate(p).startswith("127.0.0.1:") for p in services[name]["ports"]), name
     assert "simulator" not in [n for n in services if services[n].get("ports")]
 
@@ -728,18 +831,28 @@ def test_k8s_route_matches_the_nginx_split(manifests: dict[str, dict[str, Any]])
     sidecar_rules = [
         r for r in route["spec"]["rules"] if any(b["name"] == "session-sidecar" for b in r["backendRefs"])
     ]
-    (rule,) = sidecar_rules
-    (backend_ref,) = rule["backendRefs"]
-    assert backend_ref["port"] == manifests["Service"]["spec"]["ports"][0]["port"]
-    (match,) = rule["matches"]
-    assert match["path"]["type"] == "RegularExpression"
-    regex = re.compile(match["path"]["value"])
-    found = re.search(r"location ~ (\S+) \{", GATEWAY_CONF.read_text())
-    assert found
-    nginx_regex = re.compile(found[1].replace("(?<", "(?P<").replace(r"\z", r"\Z"))  # PCRE -> Python
+    nginx_locations = re.findall(r"location ~ (\S+) \{", GATEWAY_CONF.read_text())
+    assert len(sidecar_rules) == len(nginx_locations) == 2
+    for rule in sidecar_rules:
+        (backend_ref,) = rule["backendRefs"]
+        assert backend_ref["port"] == manifests["Service"]["spec"]["ports"][0]["port"]
+        (match,) = rule["matches"]
+        assert match["path"]["type"] == "RegularExpression"
+    route_regexes = [re.compile(r["matches"][0]["path"]["value"]) for r in sidecar_rules]
+    # PCRE -> Python
+    nginx_regexes = [re.compile(x.replace("(?<", "(?P<").replace(r"\z", r"\Z")) for x in nginx_locations]
+
+    def routed(path: str, regexes: list[re.Pattern[str]]) -> bool:
+        return any(regex.search(path) for regex in regexes)
+
     # The same split as the nginx file: both accept and refuse the same paths.
-    for path in ("/api/v1/conversations/abc-1/active-session", "/api/v1/conversations/a.b_c/task-status"):
-        assert regex.search(path) and nginx_regex.search(path), path
+    for path in (
+        "/api/v1/conversations/abc-1/active-session",
+        "/api/v1/conversations/a.b_c/task-status",
+        "/api/v1/conversations/abc/events",
+        "/api/v1/conversations/abc/resume/conversation:current_user_id:1700000000000-1",
+    ):
+        assert routed(path, route_regexes) and routed(path, nginx_regexes), path
     for path in (
         "/api/v1/conversations/abc/info/",
         "/api/v1/conversations/abc/message/",
@@ -749,13 +862,18 @@ def test_k8s_route_matches_the_nginx_split(manifests: dict[str, dict[str, Any]])
         "/api/v1/conversations/abc/active-session/",
         "/api/v1/conversations/abc/active-sessions",
         "/api/v1/conversations//active-session",
+        "/api/v1/conversations/abc/resume/",
+        "/api/v1/conversations/abc/resume/a/b",
+        "/api/v1/conversations/abc/events/x",
         "/api/v2/conversations/abc/active-session",
         "/x/api/v1/conversations/abc/active-session",
         "/healthz",
         "/metrics",
     ):
-        assert not regex.search(path) and not nginx_regex.search(path), path
-    others = [r for r in route["spec"]["rules"] if r is not rule]
+        assert not routed(path, route_regexes) and not routed(path, nginx_regexes), path
+    # Held watch requests need more than SIDECAR_WATCH_MAX_S; streams need no request timeout.
+    assert [r["timeouts"]["request"] for r in sidecar_rules] == ["70s", "0s"]
+    others = [r for r in route["spec"]["rules"] if r not in sidecar_rules]
     assert [m["path"] for r in others for m in r["matches"]] == [{"type": "PathPrefix", "value": "/api/v1/"}]
 
 
@@ -764,7 +882,11 @@ def test_k8s_route_matches_the_nginx_split(manifests: dict[str, dict[str, Any]])
 
 @pytest.fixture
 async def app_client(redis_url: str) -> AsyncIterator[tuple[set[str], httpx.AsyncClient]]:
-    env = {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_JWT_SECRET": "x" * 40, "SIDECAR_ACCESS_POLICY": "run-owner"}
+    env = {
+        "SIDECAR_REDIS_URL": redis_url,
+        "SIDECAR_JWT_SECRET": "x" * 40,
+        "SIDECAR_ACCESS_POLICY": "run-owner",
+    }
     app = create_app(Settings.from_env(env))
     routes = {r.path for r in app.routes if isinstance(r, Route)}
     async with asyncio.timeout(30), app.router.lifespan_context(app):
@@ -800,3 +922,126 @@ async def test_every_probe_path_is_a_route_that_answers_200(
     # The gateway's sidecar paths are the app's routes too.
     assert any(SIDECAR_ROUTE.fullmatch(r.replace("{conversation_id}", "x")) for r in routes)
     assert {r for r in routes if not r.startswith("/api/")} >= {"/healthz", "/readyz", "/metrics"}
+
+
+# --- monitoring: Prometheus Operator objects and the Grafana dashboard ---------------------------
+
+MONITORING = REPO / "deploy" / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "session-sidecar.json"
+# Every metric the service exports starts with one of these; PromQL names series (a counter's `_total`).
+METRIC_NAME = re.compile(r"\b(?:sidecar|process|python)_[a-z_]+\b")
+API_ROUTES = 'route=~"active-session|task-status"'
+
+
+@pytest.fixture(scope="module")
+def monitoring() -> dict[str, dict[str, Any]]:
+    by_kind: dict[str, dict[str, Any]] = {}
+    for path in sorted(MONITORING.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                assert doc["apiVersion"] == "monitoring.coreos.com/v1", path
+                by_kind[doc["kind"]] = doc
+    assert set(by_kind) == {"ServiceMonitor", "PrometheusRule"}
+    return by_kind
+
+
+def alert_rules(monitoring: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    groups = monitoring["PrometheusRule"]["spec"]["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
+def dashboard() -> dict[str, Any]:
+    data = json.loads(DASHBOARD.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def all_exprs(monitoring: dict[str, dict[str, Any]]) -> list[str]:
+    panels = dashboard()["panels"]
+    return [rule["expr"] for rule in alert_rules(monitoring).values()] + [
+        target["expr"] for panel in panels for target in panel["targets"]
+    ]
+
+
+def seconds(duration: str) -> int:
+    value, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()  # type: ignore[union-attr]
+    return int(value) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_service_monitor_scrapes_the_service(
+    monitoring: dict[str, dict[str, Any]], manifests: dict[str, dict[str, Any]]
+) -> None:
+    monitor = monitoring["ServiceMonitor"]
+    service = manifests["Service"]
+    # A ServiceMonitor selects Services by the Service's own labels, and names its port.
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert seconds(endpoint["scrapeTimeout"]) <= seconds(endpoint["interval"])
+    # No jobLabel: the job is the Service's name, which the rules and the dashboard filter on.
+    assert "jobLabel" not in monitor["spec"]
+    job = service["metadata"]["name"]
+    for expr in all_exprs(monitoring):
+        assert set(re.findall(r'job="([^"]*)"', expr)) in ({job}, {"$job"}), expr
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == "job"]
+    assert variable["query"] == variable["current"]["value"] == job
+
+
+def test_alert_rules_cover_errors_unavailability_and_the_index(monitoring: dict[str, dict[str, Any]]) -> None:
+    alerts = alert_rules(monitoring)
+    assert set(alerts) == {
+        "SessionSidecarServerErrors",
+        "SessionSidecarUnavailable",
+        "SessionSidecarIndexOff",
+        "SessionSidecarIndexLagging",
+    }
+    for name, alert in alerts.items():
+        assert alert["labels"]["severity"] in ("critical", "warning"), name
+        assert alert["annotations"]["summary"] and alert["annotations"]["description"], name
+        assert seconds(alert["for"]) >= 60, name
+    # Ratios over the conversation routes only: /readyz answers 503 by design while a pod is unready.
+    for name in ("SessionSidecarServerErrors", "SessionSidecarUnavailable"):
+        assert alerts[name]["expr"].count(API_ROUTES) == 2, name
+    assert 'status!="503"' in alerts["SessionSidecarServerErrors"]["expr"]
+    assert 'status="503"' in alerts["SessionSidecarUnavailable"]["expr"]
+    assert "sidecar_index_enabled" in alerts["SessionSidecarIndexOff"]["expr"]
+    lagging = alerts["SessionSidecarIndexLagging"]["expr"]
+    assert "sidecar_index_lag_seconds" in lagging and "sidecar_index_enabled" in lagging
+
+
+def test_dashboard_shows_traffic_latency_503s_memory_and_the_index() -> None:
+    board = dashboard()
+    assert board["uid"] and board["title"]
+    panels = board["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "job"}
+    exprs = " ".join(target["expr"] for panel in panels for target in panel["targets"])
+    for needed in (
+        "sum by (route, status) (rate(sidecar_requests_total",
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.99,",
+        'status="503"',
+        "process_resident_memory_bytes",
+        "sidecar_index_runs",
+        "sidecar_index_lag_seconds",
+    ):
+        assert needed in exprs, needed
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert all(t["refId"] and t["expr"] for t in panel["targets"]), panel["title"]
+
+
+async def test_monitoring_names_only_series_the_app_exports(
+    app_client: tuple[set[str], httpx.AsyncClient], monitoring: dict[str, dict[str, Any]]
+) -> None:
+    _, client = app_client
+    await client.get("/api/v1/conversations/x/task-status")  # labelled series appear once used
+    exported: set[str] = set()
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [])
+        exported |= {family.name} | {family.name + s for s in suffixes}
+        exported |= {sample.name for sample in family.samples}
+    used = {name for expr in all_exprs(monitoring) for name in METRIC_NAME.findall(expr)}
+    assert len(used) >= 8, used
+    assert used <= exported, sorted(used - exported)
