@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from session_sidecar.streams import readers
 from session_sidecar.streams.follow import follow
 from session_sidecar.streams.hub import StreamHub
 from session_sidecar.streams.listener import Closed, Listener, Reason
-from session_sidecar.streams.wire import ZERO, Entry, parse_id
+from session_sidecar.streams.wire import ZERO, Entry, decode_page, parse_id
 from tests.test_index import wait_for
 from tests.topology import cli_beside, cluster_ok
 
@@ -87,6 +88,24 @@ async def test_fan_out_to_every_listener_in_order(hub: StreamHub, redis_client: 
     assert contents(await take(other, 3)) == ["o0", "o1", "o2"]
     batches = [await hub.subscribe("s1", ZERO).next(5) for _ in range(2)]
     assert batches[0] == [] and batches[1] == []  # 0-0 on a followed stream: only what comes next
+
+
+async def test_one_keepalive_timer_serves_every_wait() -> None:
+    """Entries coming sooner than the wait never time it out (the one armed timer re-arms
+    itself at the newest deadline), silence does, and a wait shorter than the armed
+    timer ends when it should."""
+    loop = asyncio.get_running_loop()
+    listener = Listener("k", ZERO, 10)
+    for i in range(1, 8):
+        loop.call_later(0.1, listener.push, decode_page([(f"{i}-0", {b"content": f"e{i}".encode()})]))
+        assert contents(await listener.next(0.3)) == [f"e{i}"]
+    started = time.monotonic()
+    assert await listener.next(0.3) == []
+    assert time.monotonic() - started >= 0.25
+    with pytest.raises(TimeoutError):  # leaves a timer armed 5 s ahead
+        await asyncio.wait_for(listener.next(5.0), 0.1)
+    assert await asyncio.wait_for(listener.next(0.2), 3.0) == []
+    listener.stop()
 
 
 async def test_a_stream_joins_without_waiting_out_the_block(

@@ -20,7 +20,7 @@ from session_sidecar.embedded import EmbeddedRedis
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from session_sidecar.store import MAX_CONNECTIONS
-from session_sidecar.streams import wire
+from session_sidecar.streams import endpoints, wire
 from session_sidecar.streams.readers import HUB_CLIENT_NAME
 from tests.streaming import Served, http_client, open_resume, resume_body, serve
 from tests.test_index import wait_for
@@ -196,6 +196,19 @@ async def test_newline_keepalive_while_silent(
     assert parse_body(body) == [EMPTY, chunk("token 0 "), chunk("more")]
 
 
+async def test_a_silent_body_lets_its_client_go_at_once(
+    make_settings: Callable[..., Settings], http: httpx.AsyncClient, sim: BackendSimulator
+) -> None:
+    """No keepalive ever writes to it, so only listening for the disconnect frees its place."""
+    with serve(make_settings(resume_keepalive_s=0)) as served:
+        run = await sim.full_run(CONV, "alice", "m1", chunks=1, status=None)
+        async with open_resume(http, served, CONV, run) as response:
+            await anext(response.aiter_bytes())
+            assert served.sidecar.hub.open == 1
+        hub = served.sidecar.hub
+        await wait_for(lambda: hub.open == 0 and hub.followed == 0, timeout_s=10)
+
+
 async def test_refusals_are_flat_json(served: Served, http: httpx.AsyncClient, sim: BackendSimulator) -> None:
     run = await sim.full_run(CONV, "alice", "m1", chunks=1)
     bobs = await sim.full_run(CONV, "bob", "m2", chunks=1)
@@ -224,8 +237,10 @@ async def test_refusals_are_flat_json(served: Served, http: httpx.AsyncClient, s
 
 
 async def test_redis_down_is_503_before_and_ends_the_body_after_the_headers(
-    make_settings: Callable[..., Settings], http: httpx.AsyncClient
+    make_settings: Callable[..., Settings], http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A body outlives a Redis failure for RESUME_RETRY_S (45 s), shortened here.
+    monkeypatch.setattr(endpoints, "RESUME_RETRY_S", 1.0)
     with EmbeddedRedis() as own, serve(make_settings(redis_url=own.url, redis_timeout_ms=300)) as served:
         client = aioredis.Redis.from_url(own.url)
         run = await BackendSimulator(client).full_run(CONV, "alice", "m1", chunks=1, status=None)
@@ -235,8 +250,10 @@ async def test_redis_down_is_503_before_and_ends_the_body_after_the_headers(
             chunks = response.aiter_bytes()
             assert parse_body(await anext(chunks)) == [EMPTY, chunk("token 0 ")]
             own.stop()
+            down = time.monotonic()
             rest = await asyncio.wait_for(rest_of(chunks), 20)  # ends, and properly
         assert rest == b""
+        assert time.monotonic() - down >= 1.0
         async with open_resume(http, served, CONV, run) as response:
             await response.aread()
             assert response.status_code == 503 and response.headers["retry-after"] == "1"

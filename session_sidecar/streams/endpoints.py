@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
-from typing import NamedTuple
+from collections.abc import AsyncGenerator
+from typing import Any, NamedTuple
 
 from redis.exceptions import ResponseError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from session_sidecar.errors import ApiError, BadRequest, NotFound
@@ -49,18 +49,39 @@ RETRY_PAUSE_S = 0.1
 RETRY_PAUSE_MAX_S = 2.0
 
 
-class Streamed(StreamingResponse):
+class Streamed(Response):
     """A streamed answer that gives its place back however it ends, and ends its body
-    properly at shutdown."""
+    properly at shutdown.
 
-    def __init__(self, body: AsyncIterator[bytes], hub: StreamHub):
-        super().__init__(body, headers=STREAM_HEADERS, media_type="text/event-stream")
+    Leaner than Starlette's `StreamingResponse`, whose anyio task group costs memory per
+    client: the body is written from the request's own task, and one small task waits
+    for the client to leave (uvicorn's `send` then returns silently instead of failing,
+    so without it an idle stream would outlive its client until its next keepalive)."""
+
+    def __init__(self, body: AsyncGenerator[bytes, None], hub: StreamHub):
+        self.status_code = 200
+        self.media_type = "text/event-stream"
+        self.background = None
+        self.init_headers(STREAM_HEADERS)  # no `body` attribute: no Content-Length
+        self._body = body
         self._hub = hub
+        self._left = False  # the client disconnected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(self._watch(receive, task))
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with contextlib.aclosing(self._body):
+                async for chunk in self._body:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watcher.cancel()  # before the end: uvicorn answers `receive` with a disconnect then
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
+            if self._left:
+                task.uncancel()  # our own cancellation, done with: nothing to send to anyone
+                return
             # uvicorn cancels the requests still running SIDECAR_SHUTDOWN_TIMEOUT_S after a
             # stop began, then cuts their connections mid-body. The body is ended properly
             # instead (8.1: the response ends at shutdown). Not re-raised: nothing awaits
@@ -68,7 +89,14 @@ class Streamed(StreamingResponse):
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            watcher.cancel()
             self._hub.release()
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the request's own body, unread
+        self._left = True
+        task.cancel()
 
 
 async def resume(request: Request) -> Response:
@@ -109,7 +137,7 @@ async def _resume_body(
     first_page: list[Entry],
     timeout_s: float,
     keepalive_s: float | None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The body; on a Redis failure it stays open (keepalives meanwhile) and follows again
     from the last entry sent, for up to RESUME_RETRY_S: the frontend takes the end of the
     body for a finished answer, so only a Redis that stays down ends it (8.1)."""
@@ -264,7 +292,7 @@ async def _events_body(
     alive_key: str | None,
     settings: Settings,
     timeout_s: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.sse_max_s
     keepalive_s: float = settings.sse_keepalive_s
@@ -278,6 +306,7 @@ async def _events_body(
     entries = follow(
         hub, key, start.after, start.first_page, timeout_s=timeout_s, idle=idle, alive_key=alive_key
     )
+    del start  # its first page is `follow`'s now, not to be kept for the life of the stream
     try:
         async with contextlib.aclosing(entries):
             async for batch in entries:

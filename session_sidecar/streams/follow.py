@@ -58,6 +58,7 @@ async def follow(
     `first_page` is the replay's first page, read before the response started.
     """
     page = first_page
+    del first_page  # held for the life of the stream otherwise: up to PAGE entries per client
     try:
         while True:
             if page:
@@ -81,6 +82,7 @@ async def follow(
                     after = listener.after = page[-1].sid
                 if len(page) < PAGE:
                     break
+            del page  # sent: not kept for the life of the stream
             while True:
                 batch, ended = _through_end(await listener.next(idle()))
                 yield batch

@@ -94,6 +94,7 @@ class StreamHub:
         return listener
 
     def unsubscribe(self, listener: Listener) -> None:
+        listener.stop()
         stream = self._streams.get(listener.key)
         if stream is None:
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 from collections import deque
 
@@ -33,7 +34,7 @@ class Listener:
     the listener is closed, and its client is the only one to notice.
     """
 
-    __slots__ = ("_batches", "_limit", "_size", "_waiter", "after", "closed", "key")
+    __slots__ = ("_batches", "_deadline", "_limit", "_size", "_timer", "_waiter", "after", "closed", "key")
 
     def __init__(self, key: str, after: StreamId, limit: int):
         self.key = key
@@ -42,7 +43,10 @@ class Listener:
         self._limit = limit
         self._batches: deque[list[Entry]] = deque()
         self._size = 0
-        self._waiter: asyncio.Future[None] | None = None
+        # Set to True by the keepalive timer, to False by a push or a close.
+        self._waiter: asyncio.Future[bool] | None = None
+        self._deadline = math.inf  # when the current wait times out (loop time)
+        self._timer: asyncio.TimerHandle | None = None
 
     def push(self, batch: list[Entry]) -> bool:
         """Buffer a batch; False if that overflowed the buffer (the listener is then closed)."""
@@ -80,18 +84,40 @@ class Listener:
                 continue
             if self.closed is not None:
                 raise Closed(self.closed)
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            # No timer per wait: entries come far more often than keepalives are due, so one
+            # timer stays armed across waits and, when it fires early, re-arms itself at the
+            # newest deadline (a timer per wait cost more than the rest of a delivery).
+            self._deadline = math.inf if wait_s is None else loop.time() + wait_s
+            if wait_s is not None and (self._timer is None or self._timer.when() > self._deadline):
+                self.stop()  # a shorter wait than the armed one (an event stream's last)
+                self._timer = loop.call_at(self._deadline, self._expire)
             try:
-                async with asyncio.timeout(wait_s):
-                    await self._waiter
-            except TimeoutError:
-                return []
+                if await self._waiter:
+                    return []
             finally:
                 self._waiter = None
 
+    def stop(self) -> None:
+        """Disarm the keepalive timer: the listener is no longer read."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._waiter is None or self._waiter.done() or self._deadline == math.inf:
+            return  # not waiting with a deadline: the next wait arms a timer of its own
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+        else:
+            self._waiter.set_result(True)
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+            self._waiter.set_result(False)
 
 
 class Followed:
