@@ -7,6 +7,7 @@ run's facts are read, so another user's run is never even fetched.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from session_sidecar.ttlcache import TTLCache
 
 log = logging.getLogger("session_sidecar.access")
 
+# Equal filters must admit the same runs: the watch shares one read between callers
+# whose filters are equal (docs/watch.md).
 RunFilter = Callable[[str], bool]
 
 
@@ -39,12 +42,20 @@ class RunOwnerPolicy:
     """
 
     async def visible_runs(self, identity: Identity, conversation_id: str) -> RunFilter:
-        prefix = f"conversation:{identity.user_id}:"
-        cut = len(prefix)
-        return lambda run_id: run_id.startswith(prefix) and ":" not in run_id[cut:]
+        return OwnRuns(f"conversation:{identity.user_id}:")
 
     async def close(self) -> None:
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnRuns:
+    """Runs named `{prefix}{message id}`; equal for one user, so their watches are shared."""
+
+    prefix: str
+
+    def __call__(self, run_id: str) -> bool:
+        return run_id.startswith(self.prefix) and ":" not in run_id[len(self.prefix) :]
 
 
 class Decision(enum.Enum):
@@ -133,11 +144,10 @@ class BackendPolicy:
             raise Unavailable("Backend unavailable", retry_after_s=2, reason="backend") from None
         if 200 <= status < 300:
             return Decision.ALLOW
+        # Refusals are not logged here: the request's access line carries the reason.
         if status == 401:
-            log.info("backend access check: 401 for conversation %s", conversation_id)
             return Decision.UNAUTHORIZED
         if status in (403, 404):
-            log.info("backend access check: %d for conversation %s", status, conversation_id)
             return Decision.FORBIDDEN
         # 5xx, redirects, rate limits, anything unexpected: the answer is unknown, not "no".
         log.warning("backend access check: unexpected HTTP %d", status)

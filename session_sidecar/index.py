@@ -12,6 +12,10 @@ wrong answer. What could be missed is repaired by:
 
 A SCAN runs beside the live subscriber; events that arrive meanwhile are
 journaled and replayed onto the scan's result before it replaces the index.
+
+Without notifications (`auto` mode), every request SCANs the whole keyspace: the
+index then times one such lookup now and then, and the process is ready only
+while it fits in `SCAN_SHARE` of the request budget (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from session_sidecar.derive import RunFacts
-from session_sidecar.notifications import NotificationsOff, sources, usable_events
+from session_sidecar.notifications import NotificationsOff, sources, usable_events, write_events
 from session_sidecar.observability import Metrics
 from session_sidecar.settings import Settings
 from session_sidecar.store import (
@@ -39,25 +46,78 @@ from session_sidecar.store import (
     decode_key,
     glob_escape,
 )
+from session_sidecar.topology import PRIMARIES_CHECK_S, PrimariesMoved, primaries_moved
 
 log = logging.getLogger("session_sidecar.index")
 
 STREAM, STATUS = 1, 2  # which of a run's keys exist, as bits
+# Each server the index follows (each Cluster primary) has a pair of bits of its own, server
+# i's shifted by 2i: mid slot migration the target announces a key (`new`) as the source
+# drops it (`del`), on two connections, in either order; the key exists while any has it.
+STREAMS = (1 << 2048) // 3  # 0b...0101: the STREAM bit of each of up to 1024 servers
 ADD_EVENTS = frozenset({"new", "rename_to"})
 REMOVE_EVENTS = frozenset({"del", "expired", "evicted", "rename_from", "unlink"})
 
+
+class KeyEvent(NamedTuple):
+    """A notification about one of a run's keys, as handed to `on_change` listeners."""
+
+    conversation_id: str
+    run_id: str
+    event: str  # `new`, `del`, `expired`, ..., and `set`/`xadd` when `follows_writes`
+    stream: bool  # the run's stream key (else its status key)
+
+
+# Called for every event of a run's key, and with None after each (re)seed: what
+# happened while no events were heard is unknown, so anything may have changed.
+Listener = Callable[[KeyEvent | None], None]
+
+# A SCAN lookup may take this share of SIDECAR_REDIS_TIMEOUT_MS: the rest is for the
+# facts read that follows it, a wait for a pooled connection, and jitter.
+SCAN_SHARE = 0.5
+# Without notifications the flags are re-read this often (one CONFIG GET), so setting
+# them takes effect within seconds; the (costly) SCAN is timed every SIDECAR_INDEX_RESYNC_S.
+FLAGS_RECHECK_S = 10.0
+# Events handled between turns of the event loop during a burst (30,000 key events from a
+# bulk write took the loop for over a second in one go).
+EVENTS_PER_TURN = 200
+# How long `close()` waits for the maintenance task before abandoning it.
+CLOSE_TIMEOUT_S = 5.0
+PROBE_CONVERSATION = "sidecar-readiness-probe"  # no such conversation: what a lookup of any id costs
+MANAGED_REDIS = (
+    "on managed Redis (CONFIG SET refused) set the notify-keyspace-events parameter: "
+    "a custom parameter group on AWS ElastiCache and MemoryDB, "
+    "`gcloud redis instances update --update-redis-config` on GCP Memorystore, "
+    "Advanced settings > Keyspace notifications on Azure Cache for Redis"
+)
 
 
 class Conversation:
     """One conversation's runs: which keys exist, and the facts of runs that ended."""
 
-    __slots__ = ("ended", "epoch", "runs")
+    __slots__ = ("ended", "epoch", "others", "runs", "writing")
 
     def __init__(self) -> None:
         self.runs: dict[str, int] = {}  # run id -> STREAM|STATUS bits
         # Facts of runs whose stream ends with `end`: a stream event for the run drops them.
         self.ended: dict[str, RunFacts] = {}
-        self.epoch = next(_epochs)  # moves on every stream event: a read that raced one is not kept
+        # A read's facts are kept only if no stream event of their run came after the read
+        # began. An epoch per run would cost memory per run; instead `epoch` moves on every
+        # stream event, `writing` is the run of the latest ones, and `others` is the epoch of
+        # the last event of any other run. A live run written beside ended ones (the usual
+        # case, with `xadd` events: one per chunk) then spoils none of their facts.
+        self.epoch = self.others = next(_epochs)
+        self.writing: str | None = None
+
+    def touch(self, run_id: str) -> None:
+        """A stream event of `run_id`."""
+        if run_id != self.writing:
+            self.others, self.writing = self.epoch, run_id
+        self.epoch = next(_epochs)
+
+    def unchanged_since(self, run_id: str, epoch: int) -> bool:
+        """No stream event of `run_id` came after `epoch` (the epoch a read began at)."""
+        return self.epoch <= epoch or (self.others <= epoch and run_id != self.writing)
 
 
 Entries = dict[str, Conversation]
@@ -72,6 +132,8 @@ class LiveIndex:
         # Computed when scraped, not per event: `size` walks every conversation.
         metrics.index_runs.set_function(lambda: self.size)
         metrics.index_lag.set_function(self.lag_s)
+        metrics.index_enabled.set_function(lambda: float(self.in_sync))
+        metrics.scan_lookup.set_function(lambda: math.nan if self.scan_s is None else self.scan_s)
         self._entries: Entries = {}
         self._journal: list[tuple[str, str, str, int]] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -81,12 +143,26 @@ class LiveIndex:
         self.disabled_reason: str | None = None  # set when notifications are unusable
         self.seeded = asyncio.Event()
         self.resyncs = 0
+        self._listeners: list[Listener] = []
+        # `set` and `xadd` events are followed too (the watch's triggers; notifications.write_events).
+        self.follows_writes = False
+        self._scan = ScanFinder(client, schema)
+        self.scan_s: float | None = None  # one SCAN lookup, timed while notifications are off
+        self._scanned_keys = 0
+        self._next_timing = 0.0
+        self._stopping = asyncio.Event()
+        # Moves on when a subscription ends or reconnects: a SCAN begun before must not
+        # mark the index in sync, even if its cancellation was lost (see `close`).
+        self._generation = 0
         pool = getattr(client, "connection_pool", None)
         db = pool.connection_kwargs.get("db", 0) if pool is not None else 0
         self._channel_prefix = f"__keyevent@{db}__:"
         self._prefixes = (f"{schema.stream_prefix}:".encode(), f"{schema.status_prefix}:".encode())
 
     # -- queries -------------------------------------------------------------
+
+    def on_change(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
     def run_ids(self, conversation_id: str) -> set[str]:
         conversation = self._entries.get(conversation_id)
@@ -100,11 +176,12 @@ class LiveIndex:
 
     def remember_ended(self, conversation_id: str, facts: list[RunFacts], epoch: int) -> None:
         conversation = self._entries.get(conversation_id)
-        if not facts or conversation is None or conversation.epoch != epoch or not self.in_sync:
+        if not facts or conversation is None or not self.in_sync:
             return
         for fact in facts:
-            if conversation.runs.get(fact.run_id, 0) & STREAM:
-                conversation.ended[fact.run_id] = fact
+            run_id = fact.run_id
+            if conversation.runs.get(run_id, 0) & STREAMS and conversation.unchanged_since(run_id, epoch):
+                conversation.ended[run_id] = fact
 
     @property
     def size(self) -> int:
@@ -113,21 +190,59 @@ class LiveIndex:
     def lag_s(self) -> float:
         return time.monotonic() - self._last_heard if self._last_heard else float("inf")
 
+    @property
+    def scan_limit_s(self) -> float:
+        return self._settings.redis_timeout_ms / 1000 * SCAN_SHARE
+
+    def not_ready_reason(self) -> str | None:
+        """Why requests cannot be answered within the budget yet, or None."""
+        if self.in_sync:
+            return None
+        off = self.disabled_reason
+        if off is None:
+            # Seeded once: a re-seed after a reconnect is brief (SCAN per request meanwhile).
+            return None if self.seeded.is_set() else "live index not seeded yet"
+        if self._settings.index_mode == "index":
+            return f"live index not seeded yet: {off}"
+        if self.scan_s is None:
+            return f"timing a SCAN lookup: {off}"
+        if self.scan_s <= self.scan_limit_s:
+            return None  # auto without notifications: SCAN per request fits the budget
+        return (
+            f"SCAN per request cannot answer within the budget: one lookup over {self._scanned_keys} keys "
+            f"takes {self.scan_s * 1000:.0f} ms, over {self.scan_limit_s * 1000:.0f} ms "
+            f"({SCAN_SHARE:.0%} of SIDECAR_REDIS_TIMEOUT_MS); {off}; {MANAGED_REDIS}"
+        )
+
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._maintain(), name="live-index")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop the maintenance task within CLOSE_TIMEOUT_S, whatever it was doing."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        # A cancellation can be lost: on Python 3.11 `asyncio.wait_for`, which redis-py
+        # sends every command through, drops one that lands as the write completes. The
+        # loops below then stop on `_stopping` at their next turn instead.
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+        if not done:
+            log.warning("live index still busy %.0f s after close: abandoned", CLOSE_TIMEOUT_S)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once on close."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
 
     async def _maintain(self) -> None:
         """Subscribe, seed, follow events, resync; on any failure fall back and start over."""
         backoff = 0.1
-        while True:
+        while not self._stopping.is_set():
             servers: list[aioredis.Redis] = []
             try:
                 servers = await sources(self._client, self._settings)
@@ -135,10 +250,15 @@ class LiveIndex:
                     events = await usable_events(servers, self._settings)
                 except NotificationsOff as off:
                     self._disable(str(off))
-                    await asyncio.sleep(self._settings.index_resync_s)  # re-check the flags later
+                    if self._settings.index_mode == "auto" and time.monotonic() >= self._next_timing:
+                        await self._time_scan_lookup()
+                        self._next_timing = time.monotonic() + self._settings.index_resync_s
+                    await self._pause(min(FLAGS_RECHECK_S, self._settings.index_resync_s))
                     continue
                 self.disabled_reason = None
-                await self._follow(servers, events)
+                self.scan_s, self._next_timing = None, 0.0  # should they go off again: time at once
+                writes = await write_events(servers, self._settings)
+                await self._follow(servers, events + tuple(e for e in writes if e not in events))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -146,8 +266,10 @@ class LiveIndex:
                     log.exception("index failed: SCAN per request until re-seeded")
                 elif self.in_sync:
                     log.warning("index subscriber lost (%s): SCAN per request until re-seeded", exc)
+                if self.in_sync:
+                    backoff = 0.1  # it worked until now: retry soon, back off only while nothing does
                 self.in_sync = False
-                await asyncio.sleep(backoff)
+                await self._pause(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
                 for server in servers:
@@ -160,6 +282,24 @@ class LiveIndex:
         self.disabled_reason = reason
         self.in_sync = False
 
+    async def _time_scan_lookup(self) -> None:
+        """Time what every request now does: a SCAN lookup of one conversation (both prefixes)."""
+        before = self.scan_s
+        started = time.perf_counter()
+        await self._scan.run_ids(PROBE_CONVERSATION)
+        self.scan_s = time.perf_counter() - started
+        self._scanned_keys = await self._client.dbsize()
+        slow = self.scan_s > self.scan_limit_s
+        if before is not None and slow == (before > self.scan_limit_s):
+            return  # logged when it last changed
+        if slow:
+            log.warning("not ready: %s", self.not_ready_reason())
+        else:
+            log.info(
+                "SCAN per request fits the budget: one lookup over %d keys takes %.0f ms (limit %.0f ms)",
+                self._scanned_keys, self.scan_s * 1000, self.scan_limit_s * 1000,
+            )  # fmt: skip
+
     async def _follow(self, servers: list[aioredis.Redis], events: tuple[str, ...]) -> None:
         """A subscriber per server (each Cluster primary), a SCAN beside them, then resyncs."""
         channels = [self._channel_prefix + e for e in events]
@@ -169,10 +309,13 @@ class LiveIndex:
         try:
             for pubsub in pubsubs:
                 await self._subscribe(pubsub, channels)
-            readers = [asyncio.create_task(self._read(pubsub)) for pubsub in pubsubs]
-            resync = asyncio.create_task(self._resync())
+            self.follows_writes = "set" in events and "xadd" in events
+            readers = [asyncio.create_task(self._read(pubsub, i)) for i, pubsub in enumerate(pubsubs)]
+            # A failover moves the primaries: start over on the new ones (topology.py).
+            readers.append(asyncio.create_task(self._watch_primaries(servers, pubsubs)))
+            resync = asyncio.create_task(self._resync(servers))
             next_resync = time.monotonic() + self._settings.index_resync_s
-            while True:
+            while not self._stopping.is_set():
                 done, _ = await asyncio.wait(readers, timeout=0.2)
                 for reader in done:
                     reader.result()  # re-raise what stopped a subscriber: start over
@@ -181,13 +324,15 @@ class LiveIndex:
                     resync.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await resync
-                    resync = asyncio.create_task(self._resync())
+                    resync = asyncio.create_task(self._resync(servers))
                 if resync.done():
                     resync.result()  # re-raise a failed SCAN: start over
                     if time.monotonic() >= next_resync:
-                        resync = asyncio.create_task(self._resync())
+                        resync = asyncio.create_task(self._resync(servers))
                         next_resync = time.monotonic() + self._settings.index_resync_s
         finally:
+            self.follows_writes = False
+            self._generation += 1
             for task in (*readers, resync):
                 if task is not None and not task.done():
                     task.cancel()  # a SCAN from before a disconnect must not mark us in sync
@@ -211,21 +356,35 @@ class LiveIndex:
             if msg is not None and msg["type"] == "subscribe":
                 confirmed += 1
 
-    async def _read(self, pubsub: PubSub) -> None:
-        while True:
+    async def _read(self, pubsub: PubSub, source: int) -> None:
+        handled = 0
+        while not self._stopping.is_set():
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             self._last_heard = time.monotonic()  # the connection is alive and read
             if msg is not None:
-                self._on_event(msg["channel"], msg["data"])
+                self._on_event(msg["channel"], msg["data"], source)
+                handled += 1
+                if handled % EVENTS_PER_TURN == 0:
+                    # A burst is parsed from the connection's buffer without a real wait:
+                    # let the requests in between.
+                    await asyncio.sleep(0)
+
+    async def _watch_primaries(self, servers: list[aioredis.Redis], pubsubs: list[PubSub]) -> None:
+        while not self._stopping.is_set():
+            await self._pause(PRIMARIES_CHECK_S)
+            moved = await primaries_moved(self._client, servers, pubsubs)
+            if moved is not None:
+                raise PrimariesMoved(moved)
 
     async def _on_reconnect(self, connection: object) -> None:
         log.warning("index subscriber reconnected: SCAN per request until re-seeded")
         self.in_sync = False
         self._reconnected = True
+        self._generation += 1
 
     # -- events and scans ----------------------------------------------------
 
-    def _on_event(self, channel: bytes, key: bytes) -> None:
+    def _on_event(self, channel: bytes, key: bytes, source: int = 0) -> None:
         if not key.startswith(self._prefixes):
             return  # the vast majority: keys that are not ours
         event = channel.decode().removeprefix(self._channel_prefix)
@@ -234,32 +393,45 @@ class LiveIndex:
         if parsed is None:
             return
         conversation, run_id = parsed
-        bit = STREAM if text is not None and text.startswith(self._schema.stream_prefix + ":") else STATUS
+        stream = text is not None and text.startswith(self._schema.stream_prefix + ":")
+        bit = (STREAM if stream else STATUS) << 2 * source
         if self._journal is not None:
             self._journal.append((event, conversation, run_id, bit))
         _apply(self._entries, event, conversation, run_id, bit)
+        for listener in self._listeners:
+            listener(KeyEvent(conversation, run_id, event, stream))
 
-    async def _resync(self) -> None:
-        """One full SCAN of both prefixes, then replay what happened meanwhile, then swap."""
-        self._journal = []
+    async def _resync(self, servers: list[aioredis.Redis]) -> None:
+        """One full SCAN of both prefixes on every server, then replay what happened meanwhile, then swap."""
+        generation = self._generation
+        journal: list[tuple[str, str, str, int]] = []
+        self._journal = journal
         try:
             fresh: Entries = {}
-            for prefix, bit in ((self._schema.stream_prefix, STREAM), (self._schema.status_prefix, STATUS)):
-                async for raw in self._client.scan_iter(match=f"{glob_escape(prefix)}:*", count=SCAN_COUNT):
+            kinds = ((self._schema.stream_prefix, STREAM), (self._schema.status_prefix, STATUS))
+            for (prefix, kind), (source, server) in itertools.product(kinds, enumerate(servers)):
+                async for raw in server.scan_iter(match=f"{glob_escape(prefix)}:*", count=SCAN_COUNT):
                     key = decode_key(raw)
                     parsed = self._schema.parse(key) if key is not None else None
                     if parsed is not None:
-                        _apply(fresh, "new", parsed[0], parsed[1], bit)
-            for event, conversation, run_id, bit in self._journal:
+                        _apply(fresh, "new", parsed[0], parsed[1], kind << 2 * source)
+            for replayed, (event, conversation, run_id, bit) in enumerate(journal, 1):
                 _apply(fresh, event, conversation, run_id, bit)
+                if replayed % EVENTS_PER_TURN == 0:
+                    await asyncio.sleep(0)  # events that arrive meanwhile are appended: replayed too
         finally:
-            self._journal = None
+            if self._journal is journal:
+                self._journal = None
+        if generation != self._generation:
+            return
         self._entries = fresh
         self.resyncs += 1
         self._last_heard = time.monotonic()
         self.in_sync = True
         self.seeded.set()
         log.info("index synced: %d runs", self.size)
+        for listener in self._listeners:
+            listener(None)
 
 
 def _apply(entries: Entries, event: str, conversation_id: str, run_id: str, bit: int) -> None:
@@ -281,9 +453,9 @@ def _apply(entries: Entries, event: str, conversation_id: str, run_id: str, bit:
                 del entries[conversation_id]
     else:
         return
-    if bit == STREAM:
+    if bit & STREAMS:
         conversation.ended.pop(run_id, None)
-        conversation.epoch = next(_epochs)
+        conversation.touch(run_id)
 
 
 class IndexedFinder:

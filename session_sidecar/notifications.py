@@ -24,6 +24,9 @@ log = logging.getLogger("session_sidecar.index")
 FLAGS_NEW = "Egxn"
 # Servers without `n`: a creation is seen as `xadd` (t) or `set` ($) instead.
 FLAGS_LEGACY = "Eg$xt"
+# The watch (docs/watch.md) also follows writes to keys that already exist: `set`
+# ($: a status change) and `xadd` (t: a stream entry, such as `end`).
+FLAGS_WRITES = "$t"
 _ALIASES = {"A": "g$lshzxetd"}
 _FOLLOWED = ("del", "unlink", "expired", "evicted", "rename_from", "rename_to")
 
@@ -108,3 +111,28 @@ async def _append_flags(servers: list[aioredis.Redis], flags: list[str], wanted:
             return False  # e.g. no `n` before Redis 7: the caller tries the legacy set
         log.warning("set notify-keyspace-events %r -> %r (SIDECAR_REDIS_CONFIG_SET)", current, target)
     return True
+
+
+async def write_events(servers: list[aioredis.Redis], settings: Settings) -> tuple[str, ...]:
+    """`("set", "xadd")` when every server publishes them (adding the flags if allowed), else ()."""
+    for server in servers:
+        try:
+            reply: Any = await server.config_get("notify-keyspace-events")
+        except ResponseError:
+            return ()  # cannot tell: the watch re-reads watched conversations on a timer instead
+        current = reply.get(b"notify-keyspace-events", reply.get("notify-keyspace-events", b""))
+        current = current.decode() if isinstance(current, bytes) else str(current)
+        missing = missing_flags(current, FLAGS_WRITES)
+        if not missing:
+            continue
+        if settings.redis_config_set:
+            try:
+                await server.config_set("notify-keyspace-events", current + missing)
+            except ResponseError:
+                pass  # refused (managed Redis): said below
+            else:
+                log.warning("set notify-keyspace-events %r -> %r (watch)", current, current + missing)
+                continue
+        log.info("notify-keyspace-events %r lacks %r: watches re-read on a timer", current, missing)
+        return ()
+    return ("set", "xadd")

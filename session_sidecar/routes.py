@@ -12,11 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
+from starlette.types import Receive, Scope, Send
 
+from session_sidecar import docs_page, watch
+from session_sidecar.auth import Identity
 from session_sidecar.errors import ApiError, BadRequest, NotFound, Unauthorized, Unavailable
 from session_sidecar.models import ENCODER, ActiveSession, ErrorBody, TaskStatus
 from session_sidecar.sessions import Lookup
@@ -32,11 +35,11 @@ def json_response(body: msgspec.Struct | dict[str, Any], status: int = 200, **he
 
 
 async def active_session(request: Request) -> Response:
-    return await _answer(request, "No active session found", _active_session_body)
+    return await _answer(request, "active-session", "No active session found", _active_session_body)
 
 
 async def task_status(request: Request) -> Response:
-    return await _answer(request, "No background task found", _task_status_body)
+    return await _answer(request, "task-status", "No background task found", _task_status_body)
 
 
 def _active_session_body(conversation_id: str, found: Lookup) -> msgspec.Struct:
@@ -61,22 +64,36 @@ def _task_status_body(conversation_id: str, found: Lookup) -> msgspec.Struct:
 
 
 async def _answer(
-    request: Request, not_found: str, render: Callable[[str, Lookup], msgspec.Struct]
+    request: Request,
+    endpoint: watch.Endpoint,
+    not_found: str,
+    render: Callable[[str, Lookup], msgspec.Struct],
 ) -> Response:
     sidecar = request.app.state.sidecar
     conversation_id: str = request.path_params["conversation_id"]
     try:
-        identity = await sidecar.authenticator.authenticate(request.headers.get("authorization"))
-        request.state.user_id = identity.user_id
-        if not _valid_id(sidecar.id_pattern, conversation_id):
-            raise BadRequest("Malformed conversation id")
+        identity = await identify(request, conversation_id)
+        asked = watch.wanted_from(request, sidecar.settings.watch_max_s)
         visible = await sidecar.policy.visible_runs(identity, conversation_id)
-        found = await sidecar.sessions.lookup(conversation_id, visible)
-        if found is None:
-            raise NotFound(not_found)
+        # Answered at once, or held by the watch (SPEC 8.3); either way with its ETag.
+        outcome = await watch.lookup(request, sidecar.watch, endpoint, conversation_id, visible, asked)
+        if outcome.not_modified:
+            return Response(status_code=304, headers={**NO_STORE, **outcome.headers})
+        if outcome.found is None:
+            raise NotFound(not_found, headers=outcome.headers)
     except ApiError as refusal:
         return _refusal(request, refusal, conversation_id)
-    return json_response(render(conversation_id, found))
+    return json_response(render(conversation_id, outcome.found), 200, **outcome.headers)
+
+
+async def identify(request: Request, conversation_id: str) -> Identity:
+    """What every conversation endpoint checks first: the caller (401), then the id (400)."""
+    sidecar = request.app.state.sidecar
+    identity: Identity = await sidecar.authenticator.authenticate(request.headers.get("authorization"))
+    request.state.user_id = identity.user_id
+    if not _valid_id(sidecar.id_pattern, conversation_id):
+        raise BadRequest("Malformed conversation id")
+    return identity
 
 
 def _valid_id(pattern: re.Pattern[str], conversation_id: str) -> bool:
@@ -125,10 +142,21 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "unavailable", "reason": reason}, 503, **{"Retry-After": "1"})
 
 
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.sidecar.metrics.registry
-    return Response(generate_latest(registry), headers=NO_STORE, media_type=CONTENT_TYPE_LATEST)
+class MetricsApp:
+    """`GET /metrics`: prometheus-client's own ASGI app, which negotiates OpenMetrics from
+    `Accept` and gzips for `Accept-Encoding: gzip`. A class, not a function, so that Starlette
+    routes to it as an ASGI app rather than as a request handler."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._app = make_asgi_app(registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
 
 
 async def openapi(request: Request) -> Response:
     return Response(request.app.state.sidecar.openapi_json, media_type="application/json")
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(docs_page.HTML, headers={**NO_STORE, "Content-Security-Policy": docs_page.CSP})

@@ -5,6 +5,8 @@ Both endpoints call `SessionService.lookup`, so they always choose the same run.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 
 import msgspec
@@ -21,7 +23,23 @@ from session_sidecar.derive import (
     estimated_completion,
 )
 from session_sidecar.settings import Settings
-from session_sidecar.store import Found, KeySchema, RedisClient, RunFinder, read_facts, within_budget
+from session_sidecar.store import (
+    RUNS_PER_TRIP,
+    Found,
+    KeySchema,
+    RedisClient,
+    RunFinder,
+    read_facts,
+    within_budget,
+)
+
+# A facts read of more runs than this takes several round trips (store.RUNS_PER_TRIP) and
+# may outlast the budget: 5,000 runs, 25,000 commands, take over a second. The request then
+# answers 503 at its deadline, but the read goes on (one per conversation, at most
+# MAX_LARGE_READS at a time), so that the ended runs' facts reach the finder's memory: the
+# conversation's next lookup reads one XLEN per ended run, and answers.
+LARGE_READ_RUNS = RUNS_PER_TRIP
+MAX_LARGE_READS = 4
 
 
 class Lookup(msgspec.Struct, frozen=True):
@@ -34,8 +52,12 @@ class Lookup(msgspec.Struct, frozen=True):
 
 
 class SessionService:
-    def __init__(self, settings: Settings, client: RedisClient, finder: RunFinder):
+    def __init__(
+        self, settings: Settings, client: RedisClient, finder: RunFinder, reads: RedisClient | None = None
+    ):
         self.client = client
+        # SIDECAR_READ_FROM_REPLICAS: the facts of a lookup from replicas, unless it asks for the primary.
+        self.reads = client if reads is None else reads
         self.finder = finder
         self.schema = KeySchema(settings.stream_prefix)
         self.rules = Rules(
@@ -45,15 +67,16 @@ class SessionService:
         )
         self.durations = DurationTracker(settings.default_duration_s * 1000)
         self.timeout_s = settings.redis_timeout_ms / 1000
+        self._large_reads: dict[str, asyncio.Task[list[RunFacts]]] = {}
 
-    async def lookup(self, conversation_id: str, visible: RunFilter) -> Lookup | None:
-        """The chosen visible run, or None when the caller can see no run of this conversation."""
+    async def lookup(
+        self, conversation_id: str, visible: RunFilter, *, primary: bool = False
+    ) -> Lookup | None:
+        """The chosen visible run, or None when the caller can see no run of this conversation.
+        `primary`: read the facts on the primary even when requests read replicas."""
         if not self.schema.may_hold_runs(conversation_id):
             return None  # answered without reading a key
-        found, known, facts = await within_budget(self.timeout_s, self._read(conversation_id, visible))
-        # A run whose stream ends with `end` stops changing: the finder may keep its facts.
-        fresh_ended = [f for f in facts if f.last_entry_type == "end" and f is not known.get(f.run_id)]
-        self.finder.remember_ended(conversation_id, fresh_ended, found.epoch)
+        facts = await within_budget(self.timeout_s, self._read(conversation_id, visible, primary))
         now_ms = int(time.time() * 1000)
         views = []
         for fact in facts:
@@ -66,15 +89,49 @@ class SessionService:
             return None
         return Lookup(chosen, estimated_completion(chosen, now_ms, self.durations.typical_ms()))
 
-    async def _read(
-        self, conversation_id: str, visible: RunFilter
-    ) -> tuple[Found, dict[str, RunFacts], list[RunFacts]]:
-        found = await self.finder.find(conversation_id)
-        run_ids = [r for r in found.run_ids if visible(r)]
-        known = {r: found.ended[r] for r in run_ids if r in found.ended}
-        to_read = [r for r in run_ids if r not in known]
-        facts = await read_facts(self.client, self.schema, conversation_id, to_read, known)
-        return found, known, facts
+    async def _read(self, conversation_id: str, visible: RunFilter, primary: bool) -> list[RunFacts]:
+        while True:
+            found = await self.finder.find(conversation_id)
+            run_ids = [r for r in found.run_ids if visible(r)]
+            known = {r: found.ended[r] for r in run_ids if r in found.ended}
+            to_read = [r for r in run_ids if r not in known]
+            pending = self._large_reads.get(conversation_id)
+            if (
+                len(to_read) <= LARGE_READ_RUNS
+                or not found.epoch  # the finder keeps no facts: nothing to finish a read for
+                or (pending is None and len(self._large_reads) >= MAX_LARGE_READS)
+            ):
+                return await self._read_facts(conversation_id, found, to_read, known, primary)
+            if pending is None:
+                break
+            # One large read per conversation at a time: wait for it (within this request's
+            # budget), then look again: the ended runs' facts are known by then.
+            await asyncio.wait({pending})
+        read = asyncio.create_task(self._read_facts(conversation_id, found, to_read, known, primary))
+        self._large_reads[conversation_id] = read
+        read.add_done_callback(functools.partial(self._large_read_done, conversation_id))
+        return await asyncio.shield(read)  # the request's deadline ends this wait, not the read
+
+    def _large_read_done(self, conversation_id: str, read: asyncio.Task[list[RunFacts]]) -> None:
+        if self._large_reads.get(conversation_id) is read:
+            del self._large_reads[conversation_id]
+        if not read.cancelled():
+            read.exception()  # a failure was the 503 of the request that waited, if one still did
+
+    async def _read_facts(
+        self,
+        conversation_id: str,
+        found: Found,
+        to_read: list[str],
+        known: dict[str, RunFacts],
+        primary: bool,
+    ) -> list[RunFacts]:
+        client = self.client if primary else self.reads
+        facts = await read_facts(client, self.schema, conversation_id, to_read, known)
+        # A run whose stream ends with `end` stops changing: the finder may keep its facts.
+        fresh_ended = [f for f in facts if f.last_entry_type == "end" and f is not known.get(f.run_id)]
+        self.finder.remember_ended(conversation_id, fresh_ended, found.epoch)
+        return facts
 
     async def ping(self) -> bool:
         return bool(await within_budget(self.timeout_s, self.client.ping()))

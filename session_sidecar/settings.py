@@ -7,8 +7,10 @@ CLI overrides a few fields with `msgspec.structs.replace`. Bad values raise
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import typing
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -20,6 +22,7 @@ from session_sidecar.errors import ConfigError
 AccessPolicyName = Literal["run-owner", "backend"]
 IndexMode = Literal["auto", "index", "scan"]
 CursorChoice = Literal["last", "first"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -66,21 +69,37 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     index_resync_s: int = 300
     redis_config_set: bool = False
     shutdown_timeout_s: int = 10
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     development_mode: bool = False
     default_username: str | None = None
+    # Following a run (SPEC 8.1, 8.2, 8.4): 0 turns a keepalive off.
+    resume_keepalive_s: float = 15.0
+    sse_keepalive_s: float = 15.0
+    sse_max_s: float = 600.0
+    max_streams: int = 10000
+    # Watch (SPEC 8.3): the longest hold, and how many requests one process holds at once.
+    watch_max_s: float = 50.0
+    max_waiters: int = 10000
+    # Cluster and Sentinel: each request's facts from a replica (README, "Redis topologies").
+    read_from_replicas: bool = False
+    # Processes serving the one socket, each with its own index, hub and watch.
+    workers: int = 1
 
-    def __repr__(self) -> str:
-        # Never print secrets: settings end up in logs and tracebacks.
-        shown = []
+    def redacted(self) -> dict[str, object]:
+        """Every field, secrets hidden: what repr and `session-sidecar config` show."""
+        shown: dict[str, object] = {}
         for name in self.__struct_fields__:
             value = getattr(self, name)
-            if name == "redis_url":
+            if name in ("redis_url", "backend_url", "jwks_url") and value is not None:
                 value = redact_url(value)
             elif name == "jwt_secret" and value is not None:
                 value = "***"
-            shown.append(f"{name}={value!r}")
-        return f"Settings({', '.join(shown)})"
+            shown[name] = value
+        return shown
+
+    def __repr__(self) -> str:
+        # Never print secrets: settings end up in logs and tracebacks.
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in self.redacted().items())})"
 
     __str__ = __repr__
 
@@ -116,6 +135,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 raw[field] = value
         if "development_mode" in raw:
             raw["development_mode"] = str(raw["development_mode"]).strip().lower() == "enabled"
+        if "log_level" in raw:
+            raw["log_level"] = str(raw["log_level"]).lower()  # `INFO` as often as `info`
         if "redis_url" not in raw:
             raw["redis_url"] = _backend_redis_url(env)
         if "cors_allowed_origins" not in raw and env.get("CORS_ALLOWED_ORIGINS"):
@@ -124,7 +145,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         try:
             settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
-            raise ConfigError(_explain(exc)) from None
+            raise ConfigError(_explain(exc, raw)) from None
         settings.validate()
         return settings
 
@@ -133,8 +154,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         url = urlsplit(self.redis_url)
         if url.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("SIDECAR_REDIS_URL must start with redis://, rediss:// or unix://")
+        try:
+            url.port  # noqa: B018 (parsed on access: a non-numeric port raises here)
+        except ValueError:
+            raise ConfigError("SIDECAR_REDIS_URL has a port that is not a number") from None
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
             raise ConfigError("SIDECAR_REDIS_SENTINELS and SIDECAR_REDIS_SENTINEL_MASTER go together")
+        nodes = [node.strip() for node in self.redis_sentinels.split(",")] if self.redis_sentinels else []
+        bad = [node for node in nodes if not re.fullmatch(r"\S+:\d{1,5}", node)]
+        if bad:
+            raise ConfigError(f"SIDECAR_REDIS_SENTINELS must be host:port,host:port; got {bad[0]!r}")
         stream, status = self.stream_prefix + ":", "task:status:"
         if not self.stream_prefix or status.startswith(stream) or stream.startswith(status):
             # e.g. `task`: then `task:status:c:r` would read as the stream of conversation `status`.
@@ -163,6 +192,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(f"SIDECAR_PORT must be at most 65535, got {self.port}")
         if self.access_cache_ttl_s < 0 or self.jwt_leeway_s < 0:
             raise ConfigError("SIDECAR_ACCESS_CACHE_TTL_S and SIDECAR_JWT_LEEWAY_S must be >= 0")
+        if self.shutdown_timeout_s < 0:
+            raise ConfigError(f"SIDECAR_SHUTDOWN_TIMEOUT_S must be >= 0, got {self.shutdown_timeout_s}")
+        if not math.isfinite(self.jwks_min_refetch_s):
+            raise ConfigError(f"SIDECAR_JWKS_MIN_REFETCH_S must be a number, got {self.jwks_min_refetch_s}")
         if self.token_cache_size < 0 or self.access_cache_size < 0 or self.jwks_min_refetch_s < 0:
             raise ConfigError(
                 "SIDECAR_TOKEN_CACHE_SIZE, SIDECAR_ACCESS_CACHE_SIZE and "
@@ -196,6 +229,26 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 "no access policy: set SIDECAR_BACKEND_URL (the default `backend` policy asks the "
                 "backend) or SIDECAR_ACCESS_POLICY=run-owner (only if clients name runs by user id)"
             )
+        for var, seconds in (
+            ("SIDECAR_RESUME_KEEPALIVE_S", self.resume_keepalive_s),
+            ("SIDECAR_SSE_KEEPALIVE_S", self.sse_keepalive_s),
+        ):
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ConfigError(f"{var} must be a number >= 0 (0: no keepalive), got {seconds}")
+        if not (math.isfinite(self.sse_max_s) and self.sse_max_s > 0):
+            raise ConfigError(f"SIDECAR_SSE_MAX_S must be a positive number, got {self.sse_max_s}")
+        if self.max_streams <= 0:
+            raise ConfigError(f"SIDECAR_MAX_STREAMS must be a positive number, got {self.max_streams}")
+        if not (math.isfinite(self.watch_max_s) and self.watch_max_s >= 0):
+            raise ConfigError(f"SIDECAR_WATCH_MAX_S must be a number >= 0, got {self.watch_max_s}")
+        if self.max_waiters < 0:
+            raise ConfigError(f"SIDECAR_MAX_WAITERS must be >= 0, got {self.max_waiters}")
+        if self.read_from_replicas and not (self.redis_cluster or self.redis_sentinels):
+            raise ConfigError(
+                "SIDECAR_READ_FROM_REPLICAS needs SIDECAR_REDIS_CLUSTER or SIDECAR_REDIS_SENTINELS"
+            )
+        if self.workers < 1:
+            raise ConfigError(f"SIDECAR_WORKERS must be at least 1, got {self.workers}")
 
 
 # Environment variable -> Settings field. The backend's own names are kept
@@ -238,6 +291,14 @@ ENV_VARS: dict[str, str] = {
     "SIDECAR_LOG_LEVEL": "log_level",
     "isDevelopmentMode": "development_mode",
     "defaultUsername": "default_username",
+    "SIDECAR_RESUME_KEEPALIVE_S": "resume_keepalive_s",
+    "SIDECAR_SSE_KEEPALIVE_S": "sse_keepalive_s",
+    "SIDECAR_SSE_MAX_S": "sse_max_s",
+    "SIDECAR_MAX_STREAMS": "max_streams",
+    "SIDECAR_WATCH_MAX_S": "watch_max_s",
+    "SIDECAR_MAX_WAITERS": "max_waiters",
+    "SIDECAR_READ_FROM_REPLICAS": "read_from_replicas",
+    "SIDECAR_WORKERS": "workers",
 }
 _FIELD_TO_ENV = {field: var for var, field in ENV_VARS.items()}
 
@@ -266,10 +327,30 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def _explain(exc: msgspec.ValidationError) -> str:
+def _explain(exc: msgspec.ValidationError, raw: Mapping[str, object]) -> str:
+    """`VAR: what was expected, got what`: the accepted values of an enum or a bool included."""
     message = str(exc)
     match = re.search(r"at `\$\.(\w+)`", message)
-    if match:
-        var = _FIELD_TO_ENV.get(match.group(1), match.group(1))
-        return f"{var}: {message.split(' - at ')[0]}"
-    return message
+    if not match:
+        return message
+    field = match.group(1)
+    var = _FIELD_TO_ENV.get(field, field)
+    got = repr(raw.get(field))[:80]
+    kind = {f.name: f.type for f in msgspec.structs.fields(Settings)}.get(field)
+    accepted = _accepted(kind)
+    if accepted:
+        return f"{var}: {got} is not one of {', '.join(map(str, accepted))}"
+    if kind is bool:
+        return f"{var}: expected true or false (or 1 or 0), got {got}"
+    if kind is int:
+        return f"{var}: expected a whole number, got {got}"
+    if kind is float:
+        return f"{var}: expected a number, got {got}"
+    return f"{var}: {message.split(' - at ')[0]}"
+
+
+def _accepted(kind: object) -> tuple[object, ...]:
+    """The values a Literal field (optional or not) accepts; () for any other type."""
+    if typing.get_origin(kind) is Literal:
+        return typing.get_args(kind)
+    return tuple(value for arg in typing.get_args(kind) for value in _accepted(arg))

@@ -10,20 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.cluster import LoadBalancingStrategy
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from session_sidecar.derive import KNOWN_STATUSES, RunFacts
 from session_sidecar.errors import Unavailable
+from session_sidecar.problems import warn_once
 from session_sidecar.settings import Settings
 
 log = logging.getLogger("session_sidecar.store")
@@ -34,6 +37,10 @@ STATUS_PREFIX = "task:status"
 RESERVATION = "reservation"
 SCAN_COUNT = 1000
 MAX_CONNECTIONS = 64
+# Facts read per pipelined round trip: runs (5 commands each), or known ended runs (one
+# XLEN each). One trip of 500 commands keeps the event loop for a few milliseconds.
+RUNS_PER_TRIP = 100
+XLENS_PER_TRIP = 500
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 RedisClient = aioredis.Redis | RedisCluster
@@ -81,8 +88,15 @@ class KeySchema:
         return conversation_id != RESERVATION
 
 
-def create_client(settings: Settings) -> RedisClient:
-    """One pooled client for the process, standalone, Sentinel or Cluster."""
+def create_client(settings: Settings, *, replicas: bool = False) -> RedisClient:
+    """One pooled client for the process, standalone, Sentinel or Cluster.
+
+    `replicas`: the second client of SIDECAR_READ_FROM_REPLICAS, for the facts each request
+    reads: its reads go to replicas, round robin (a shard or a Sentinel master without a
+    replica up is read on its primary). Everything that follows changes as they happen (the
+    index, the hub, the watch) keeps the primary's client: what it hears of a change must
+    not be read back from a replica that has not seen the change yet.
+    """
     timeout_s = settings.redis_timeout_ms / 1000
     common: dict[str, Any] = {
         "socket_timeout": timeout_s,
@@ -99,10 +113,15 @@ def create_client(settings: Settings) -> RedisClient:
             sentinels.append((host, int(port)))
         assert settings.redis_sentinel_master is not None
         sentinel = Sentinel(sentinels, socket_timeout=timeout_s)  # type: ignore[no-untyped-call]
+        if replicas:
+            replica: aioredis.Redis = sentinel.slave_for(settings.redis_sentinel_master, **common)
+            return replica
         client: aioredis.Redis = sentinel.master_for(settings.redis_sentinel_master, **common)
         return client
     if settings.redis_cluster:
         common.pop("health_check_interval")
+        if replicas:
+            common["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
         return RedisCluster.from_url(settings.redis_url, **common)
     # A burst beyond the pool waits for a free connection (within the budget)
     # instead of failing at once, as the plain pool does.
@@ -147,7 +166,9 @@ class Found(msgspec.Struct, frozen=True):
 
     run_ids: frozenset[str]
     ended: dict[str, RunFacts] = msgspec.field(default_factory=dict)
-    epoch: int = 0  # hand back to `remember_ended`, which ignores it if anything changed since
+    # Hand back to `remember_ended`, which keeps no fact that changed since; 0: a finder that
+    # keeps no facts (a SCAN).
+    epoch: int = 0
 
 
 class RunFinder(Protocol):
@@ -204,54 +225,94 @@ async def read_facts(
     run_ids: Iterable[str],
     known: Mapping[str, RunFacts] | None = None,
 ) -> list[RunFacts]:
-    """Every run's facts in one pipelined round trip: first/last entry, length, status, PTTL.
+    """Every run's facts, pipelined: first/last entry, length, status, PTTL.
 
     `known` holds facts of runs that ended: each costs one XLEN instead, and is
     read again only if its stream's length moved (something was appended or trimmed).
+    A usual conversation takes one round trip; one with thousands of runs takes a trip
+    per `RUNS_PER_TRIP` runs, so that redis-py's packing and parsing of one trip never
+    holds the event loop for long: other requests are served between trips.
     """
     ordered = sorted(run_ids)
     kept = sorted(known or ())
-    if not ordered and not kept:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for run_id in ordered:
-        stream = schema.stream_key(conversation_id, run_id)
-        status = schema.status_key(conversation_id, run_id)
-        pipe.xrange(stream, "-", "+", count=1)
-        pipe.xrevrange(stream, "+", "-", count=1)
-        pipe.xlen(stream)
-        pipe.get(status)
-        pipe.pttl(status)
-    for run_id in kept:
-        pipe.xlen(schema.stream_key(conversation_id, run_id))
-    replies = await pipe.execute(raise_on_error=False)
-    facts = []
-    for i, run_id in enumerate(ordered):
-        first, last, length, status, pttl = replies[5 * i : 5 * i + 5]
-        first_id, first_type = _entry(first, conversation_id, run_id)
-        last_id, last_type = _entry(last, conversation_id, run_id)
-        facts.append(
-            RunFacts(
-                run_id=run_id,
-                first_entry_id=first_id,
-                first_entry_type=first_type,
-                last_entry_id=last_id,
-                last_entry_type=last_type,
-                status=_status(status, conversation_id, run_id),
-                status_pttl_ms=pttl if isinstance(pttl, int) and pttl >= 0 else None,
-                stream_length=length if isinstance(length, int) else 0,
-            )
-        )
-    changed = []
-    for run_id, length in zip(kept, replies[5 * len(ordered) :], strict=True):
-        assert known is not None
-        if length == known[run_id].stream_length:
-            facts.append(known[run_id])
-        else:
-            changed.append(run_id)
+    trips = max(-(-len(ordered) // RUNS_PER_TRIP), -(-len(kept) // XLENS_PER_TRIP))
+    facts: list[RunFacts] = []
+    changed: list[str] = []
+    for trip in range(trips):
+        runs = ordered[trip * RUNS_PER_TRIP : (trip + 1) * RUNS_PER_TRIP]
+        lengths_of = kept[trip * XLENS_PER_TRIP : (trip + 1) * XLENS_PER_TRIP]
+        pipe = client.pipeline(transaction=False)
+        for run_id in runs:
+            stream = schema.stream_key(conversation_id, run_id)
+            status = schema.status_key(conversation_id, run_id)
+            pipe.xrange(stream, "-", "+", count=1)
+            pipe.xrevrange(stream, "+", "-", count=1)
+            pipe.xlen(stream)
+            pipe.get(status)
+            pipe.pttl(status)
+        for run_id in lengths_of:
+            pipe.xlen(schema.stream_key(conversation_id, run_id))
+        replies = await execute(pipe)
+        for i, run_id in enumerate(runs):
+            facts.append(_facts(conversation_id, run_id, replies[5 * i : 5 * i + 5]))
+        for run_id, length in zip(lengths_of, replies[5 * len(runs) :], strict=True):
+            assert known is not None
+            if length == known[run_id].stream_length:
+                facts.append(known[run_id])
+            else:
+                changed.append(run_id)
     if changed:
         facts.extend(await read_facts(client, schema, conversation_id, changed))
     return facts
+
+
+async def execute(pipe: Pipeline | ClusterPipeline) -> list[Any]:
+    """A pipeline's replies, errors about a key (WRONGTYPE, no such key) among them as
+    exceptions; any other error is raised, a refusal as `Refused`.
+
+    Only a plain error reply says something about the key. The others say the read failed:
+    CLUSTERDOWN and TRYAGAIN mid-failover, a redirect left over mid-migration, a replica's
+    MASTERDOWN, a lost connection. Taken for "no such key", they would make a run vanish,
+    answered 404 or with another run, where the truth is a 503.
+
+    redis-py keeps each error's traceback, whose frames hold the whole reply list: a
+    reference cycle that keeps every reply, 10 MB values included, until the cyclic
+    garbage collector runs. Dropping the tracebacks frees the replies with the list.
+    """
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    failed = None
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            reply.__traceback__ = None
+            if type(reply) is not ResponseError:
+                failed = failed or reply
+    if isinstance(failed, ResponseError):
+        raise Refused(str(failed)) from failed
+    if failed is not None:
+        raise failed
+    return replies
+
+
+class Refused(RedisConnectionError):
+    """Redis refused a read for a reason of its own, not the key's (CLUSTERDOWN, TRYAGAIN,
+    MASTERDOWN, ...). A connection error, so that every caller treats it as one: a 503,
+    a hub reader that reconnects, never the "not a stream" of a WRONGTYPE."""
+
+
+def _facts(conversation_id: str, run_id: str, replies: list[Any]) -> RunFacts:
+    first, last, length, status, pttl = replies
+    first_id, first_type = _entry(first, conversation_id, run_id)
+    last_id, last_type = _entry(last, conversation_id, run_id)
+    return RunFacts(
+        run_id=run_id,
+        first_entry_id=first_id,
+        first_entry_type=first_type,
+        last_entry_id=last_id,
+        last_entry_type=last_type,
+        status=_status(status, conversation_id, run_id),
+        status_pttl_ms=pttl if isinstance(pttl, int) and pttl >= 0 else None,
+        stream_length=length if isinstance(length, int) else 0,
+    )
 
 
 def _entry(reply: object, conversation_id: str, run_id: str) -> tuple[str | None, str | None]:
@@ -290,16 +351,3 @@ def _status(reply: object, conversation_id: str, run_id: str) -> str | None:
     if status not in KNOWN_STATUSES:
         warn_once(("unknown-status", status[:64]), "unknown status %r (run %r): idle", status[:64], run_id)
     return status
-
-
-_warned: OrderedDict[object, None] = OrderedDict()
-
-
-def warn_once(key: object, message: str, *args: object) -> None:
-    """Bad data is polled every 2 s per tab: log each distinct problem once, not per request."""
-    if key in _warned:
-        return
-    _warned[key] = None
-    if len(_warned) > 1000:
-        _warned.popitem(last=False)
-    log.warning(message, *args)
