@@ -82,10 +82,11 @@ ENCODER = msgspec.json.Encoder()
 
 # status -> description, for what routes.py can refuse with (404 is per endpoint).
 _ERRORS: dict[str, str] = {
-    "400": "Malformed conversation id",
+    "400": "Malformed conversation id, or a `wait` that is not a non-negative number",
     "401": "No token, or a token that fails verification",
     "403": "Authenticated, but not allowed to see this conversation",
-    "503": "Session store, token issuer or backend unavailable: retry after `Retry-After` seconds",
+    "503": "Session store, token issuer or backend unavailable, or too many held watch requests: "
+    "retry after `Retry-After` seconds",
 }
 
 _HEADERS: dict[str, dict[str, Any]] = {
@@ -99,12 +100,52 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "description": "Seconds to wait before asking again.",
         "schema": {"type": "integer", "minimum": 1},
     },
+    "ETag": {
+        "description": "The version of the facts a client reacts to (task-status: `sessionId`, "
+        "`isActive`; active-session: `sessionId`, `status`); give it back as `since` or "
+        "`If-None-Match` to wait for a change.",
+        "schema": {"type": "string"},
+    },
+    "Preference-Applied": {
+        "description": "`wait=<seconds>` actually applied (after the cap), on answers to `Prefer: wait`.",
+        "schema": {"type": "string"},
+    },
     "WWW-Authenticate": {
         "description": 'A Bearer challenge (RFC 6750): `error="invalid_token"` when a token was sent.',
         "schema": {"type": "string"},
     },
 }
 _EXTRA_HEADERS = {"401": "WWW-Authenticate", "503": "Retry-After"}
+
+
+# The watch (long-poll) forms; see docs/watch.md.
+_WATCH_PARAMETERS: tuple[dict[str, Any], ...] = (
+    {
+        "name": "wait",
+        "in": "query",
+        "description": "Seconds to hold the request while the version is still `since` "
+        "(capped by SIDECAR_WATCH_MAX_S); the answer is always the normal 200 or 404.",
+        "schema": {"type": "number", "minimum": 0},
+    },
+    {
+        "name": "since",
+        "in": "query",
+        "description": "An `ETag` value, with or without its quotes.",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "If-None-Match",
+        "in": "header",
+        "description": "With `Prefer: wait=N`: hold while this is still the version, then 304.",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "Prefer",
+        "in": "header",
+        "description": "`wait=<seconds>`, with `If-None-Match`.",
+        "schema": {"type": "string"},
+    },
+)
 
 
 def _length_bounds(pattern: str) -> dict[str, int]:
@@ -128,7 +169,17 @@ def openapi_schema(api_prefix: str, version: str, id_pattern: str) -> dict[str, 
         }
 
     def operation(operation_id: str, summary: str, ok: dict[str, Any], not_found: str) -> dict[str, Any]:
-        responses = {"200": response("OK", ok), "404": response(not_found, error)}
+        responses = {
+            "200": response("OK", ok, "ETag", "Preference-Applied"),
+            "404": response(not_found, error, "ETag", "Preference-Applied"),
+            "304": {
+                "description": "Nothing changed (`If-None-Match` with `Prefer: wait`): no body",
+                "headers": {
+                    name: {"$ref": f"#/components/headers/{name}"}
+                    for name in ("X-Request-ID", "Cache-Control", "ETag", "Preference-Applied")
+                },
+            },
+        }
         for status, description in _ERRORS.items():
             extra = (_EXTRA_HEADERS[status],) if status in _EXTRA_HEADERS else ()
             responses[status] = response(description, error, *extra)
@@ -143,7 +194,8 @@ def openapi_schema(api_prefix: str, version: str, id_pattern: str) -> dict[str, 
                         "required": True,
                         "description": "The conversation's id; never holds a colon.",
                         "schema": {"type": "string", "pattern": id_pattern, **_length_bounds(id_pattern)},
-                    }
+                    },
+                    *_WATCH_PARAMETERS,
                 ],
                 "security": [{"bearer": []}],
                 "responses": dict(sorted(responses.items())),

@@ -315,7 +315,13 @@ def test_openapi_documents_operations_parameters_fields_and_headers() -> None:
     }
     headers = schema["components"]["headers"]
     for op in operations.values():
-        (parameter,) = op["parameters"]
+        parameter, *watch = op["parameters"]
+        assert [(w["name"], w["in"]) for w in watch] == [
+            ("wait", "query"),
+            ("since", "query"),
+            ("If-None-Match", "header"),
+            ("Prefer", "header"),
+        ]
         assert parameter["schema"] == {
             "type": "string",
             "pattern": r"^[a-z0-9-]{1,36}$",
@@ -328,6 +334,8 @@ def test_openapi_documents_operations_parameters_fields_and_headers() -> None:
             assert {"X-Request-ID", "Cache-Control"} <= named, status
             assert ("WWW-Authenticate" in named) == (status == "401"), status
             assert ("Retry-After" in named) == (status == "503"), status
+            assert ("ETag" in named) == (status in ("200", "304", "404")), status
+        assert "content" not in op["responses"]["304"]
     components = schema["components"]["schemas"]
     for name in ("ActiveSession", "TaskStatus", "ErrorBody"):
         assert components[name]["description"]
@@ -345,7 +353,7 @@ def test_openapi_documents_operations_parameters_fields_and_headers() -> None:
         )
     # An unbounded pattern has no maxLength to state.
     unbounded = openapi_schema("/api/v1", "0.1.0", r"^[a-z]+$")
-    (parameter,) = unbounded["paths"]["/conversations/{conversation_id}/task-status"]["get"]["parameters"]
+    parameter, *_ = unbounded["paths"]["/conversations/{conversation_id}/task-status"]["get"]["parameters"]
     assert "maxLength" not in parameter["schema"]
 
 
@@ -357,14 +365,15 @@ async def test_openapi_served_with_the_configured_prefix_and_pattern(
         served = (await api.client.get("/openapi.json")).json()
         assert served == json.loads(json.dumps(openapi_schema("/chat/v2", __version__, r"^[0-9a-f-]{36}$")))
         assert served["servers"][0]["url"] == "/chat/v2"
-        (parameter,) = served["paths"]["/conversations/{conversation_id}/active-session"]["get"]["parameters"]
+        operation = served["paths"]["/conversations/{conversation_id}/active-session"]["get"]
+        parameter, *_ = operation["parameters"]
         assert (parameter["schema"]["minLength"], parameter["schema"]["maxLength"]) == (36, 36)
 
 
 async def test_every_documented_status_and_header_is_producible(api: Api, sim: BackendSimulator) -> None:
     served = (await api.client.get("/openapi.json")).json()
     documented = _statuses(served)
-    assert all(codes == {"200", "400", "401", "403", "404", "503"} for codes in documented.values())
+    assert all(codes == {"200", "304", "400", "401", "403", "404", "503"} for codes in documented.values())
     await sim.full_run(CONV, "alice", "m", status=None)
     produced = set()
     for endpoint in ("active-session", "task-status"):
@@ -379,7 +388,8 @@ async def test_every_documented_status_and_header_is_producible(api: Api, sim: B
             assert response.headers["x-request-id"] and response.headers["cache-control"] == "no-store"
             assert ("www-authenticate" in response.headers) == (response.status_code == 401)
     assert produced == {"200", "400", "401", "404"}
-    # 403 and 503 (with Retry-After) are produced in test_access_backend.py and test_redis_outage.py.
+    # 403 and 503 (with Retry-After) are produced in test_access_backend.py and test_redis_outage.py,
+    # 304 (If-None-Match with Prefer: wait) in test_watch.py.
 
 
 def _csp_hash(text: str) -> str:
