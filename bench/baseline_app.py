@@ -38,7 +38,12 @@ from bench.common import API_PREFIX, JWT_SECRET, STATUS_PREFIX, STREAM_PREFIX
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SECRET = os.environ.get("BENCH_JWT_SECRET", JWT_SECRET)
 
-redis_client = redis.Redis.from_url(REDIS_URL, decode_responses=True, socket_timeout=30)
+# BENCH_REDIS_CLUSTER=1 (`bench.run --cluster`): the same on a Redis Cluster, KEYS sent to
+# every primary (redis-py merges the replies; by default it would ask one node only).
+_CLUSTER = os.environ.get("BENCH_REDIS_CLUSTER") == "1"
+_client_class = redis.RedisCluster if _CLUSTER else redis.Redis
+redis_client = _client_class.from_url(REDIS_URL, decode_responses=True, socket_timeout=30)
+_EVERY_PRIMARY: dict[str, Any] = {"target_nodes": redis.RedisCluster.PRIMARIES} if _CLUSTER else {}
 
 app = FastAPI(title="in-backend active-session (baseline)")
 
@@ -68,7 +73,7 @@ def get_active_session(
         content={"error": "No active session found", "conversationId": conversation_id},
     )
     try:
-        keys: list[str] = redis_client.keys(f"{STREAM_PREFIX}:{conversation_id}:*")  # type: ignore[assignment]
+        keys: list[str] = redis_client.keys(f"{STREAM_PREFIX}:{conversation_id}:*", **_EVERY_PRIMARY)  # type: ignore[assignment]
         if not keys:
             return not_found
         stream_key = keys[0]

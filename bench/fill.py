@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from bench.common import BENCH_USER, STATUS_PREFIX, STREAM_PREFIX, active_session_path
 from session_sidecar.simulator import BackendSimulator
@@ -152,11 +153,16 @@ _OUTCOMES = ("completed",) * 8 + ("error", "cancelled")
 
 
 async def fill_runs(
-    client: aioredis.Redis, *, conversations: int, seed: int, user_id: str, concurrency: int = 16
+    client: aioredis.Redis | RedisCluster,
+    *,
+    conversations: int,
+    seed: int,
+    user_id: str,
+    concurrency: int = 16,
 ) -> FillResult:
     rng = random.Random(seed)
     now_ms = int(time.time() * 1000)
-    sim = BackendSimulator(client, stream_prefix=STREAM_PREFIX)
+    sim = BackendSimulator(client, stream_prefix=STREAM_PREFIX)  # type: ignore[arg-type]
     convs = [_conversation_id(rng, now_ms) for _ in range(conversations)]
     plans = [plan_conversation(rng, now_ms) for _ in convs]
     seeds = [rng.getrandbits(32) for _ in convs]
@@ -201,6 +207,26 @@ async def fill_unrelated(client: aioredis.Redis, n: int, slice_size: int = LUA_S
     return time.perf_counter() - started
 
 
+async def fill_unrelated_cluster(client: RedisCluster, n: int, batch: int = 10_000) -> float:
+    """The same keys on a Cluster, where one script cannot write to every slot: grouped by
+    the primary that owns them, and pipelined to each one directly."""
+    started = time.perf_counter()
+    by_node: dict[tuple[str, int], list[str]] = {}
+    for i in range(n):
+        key = f"{UNRELATED_PREFIXES[i % len(UNRELATED_PREFIXES)]}{i}"
+        node = client.get_node_from_key(key)
+        assert node is not None, "every slot is served"
+        by_node.setdefault((str(node.host), int(node.port)), []).append(key)
+    for (host, port), keys in by_node.items():
+        async with aioredis.Redis(host=host, port=port, socket_timeout=60) as direct:
+            for first in range(0, len(keys), batch):
+                pipe = direct.pipeline(transaction=False)
+                for key in keys[first : first + batch]:
+                    pipe.set(key, UNRELATED_VALUE)
+                await pipe.execute()
+    return time.perf_counter() - started
+
+
 async def fill(
     redis_url: str,
     unrelated: int,
@@ -209,16 +235,28 @@ async def fill(
     seed: int = 1,
     user_id: str = BENCH_USER,
     flush: bool = True,
+    cluster: bool = False,
 ) -> FillResult:
-    """FLUSHALL (by default), the runs, then the unrelated keys."""
-    client = aioredis.Redis.from_url(redis_url, socket_timeout=60)
+    """FLUSHALL (by default), the runs, then the unrelated keys; `cluster`: `redis_url` is
+    a Cluster node's."""
+    client: aioredis.Redis | RedisCluster
+    if cluster:
+        client = RedisCluster.from_url(redis_url, socket_timeout=60)
+    else:
+        client = aioredis.Redis.from_url(redis_url, socket_timeout=60)
     try:
         if flush:
             await client.flushall()
         result = await fill_runs(client, conversations=conversations, seed=seed, user_id=user_id)
-        result.unrelated_seconds = round(await fill_unrelated(client, unrelated), 3)
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            seconds = await fill_unrelated_cluster(client, unrelated)
+        else:
+            seconds = await fill_unrelated(client, unrelated)
+        result.unrelated_seconds = round(seconds, 3)
         result.unrelated_keys = unrelated
-        result.dbsize = int(await client.dbsize())
+        every = {"target_nodes": RedisCluster.PRIMARIES} if cluster else {}
+        result.dbsize = int(await client.dbsize(**every))
         return result
     finally:
         await client.aclose()

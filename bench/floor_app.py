@@ -46,7 +46,9 @@ def _load_map(path: str) -> dict[str, tuple[str, str, str]]:
 
 @asynccontextmanager
 async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-    client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    # BENCH_REDIS_CLUSTER=1 (`bench.run --cluster`): the pipeline then goes to each key's primary.
+    cluster = os.environ.get("BENCH_REDIS_CLUSTER") == "1"
+    client = (aioredis.RedisCluster if cluster else aioredis.Redis).from_url(REDIS_URL, socket_timeout=5)
     _state["redis"] = client
     _state["map"] = _load_map(MAP_PATH)
     try:
@@ -75,7 +77,7 @@ async def active_session(request: Request) -> JSONResponse:
     if keys is None:
         return _error(404, "No active session found", conversation_id)
     stream_key, status_key, run_id = keys
-    client: aioredis.Redis = _state["redis"]
+    client: aioredis.Redis | aioredis.RedisCluster = _state["redis"]
     async with client.pipeline(transaction=False) as pipe:
         pipe.xrevrange(stream_key, "+", "-", count=1)
         pipe.get(status_key)

@@ -37,10 +37,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
+from bench.cluster_redis import PRIMARIES, ClusterRedis
 from bench.common import JWT_SECRET, NOTIFY_KEYSPACE_EVENTS, active_session_path, mint_token
 from bench.fill import FillResult, fill
 
@@ -89,6 +90,14 @@ class RedisServer:
         self._server.close()
 
 
+class InfoSource(Protocol):
+    """What the harness reads Redis's figures from: one server, or a Cluster summed."""
+
+    def info(self, section: str) -> Any: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class RedisSnapshot:
     at: float
@@ -97,7 +106,7 @@ class RedisSnapshot:
     total_commands: int
 
     @classmethod
-    def take(cls, client: redis.Redis) -> RedisSnapshot:
+    def take(cls, client: InfoSource) -> RedisSnapshot:
         stats: dict[str, Any] = client.info("commandstats")
         cpu: dict[str, Any] = client.info("cpu")
         general: dict[str, Any] = client.info("stats")
@@ -123,7 +132,7 @@ class RedisSnapshot:
         return out, self.cpu_s - before.cpu_s
 
 
-def wait_redis_quiet(client: redis.Redis, timeout_s: float = 30.0) -> float:
+def wait_redis_quiet(client: InfoSource, timeout_s: float = 30.0) -> float:
     """Waits until no client but us sends commands (e.g. a baseline's queued KEYS drained)."""
     started = time.monotonic()
     last = int(client.info("stats")["total_commands_processed"])
@@ -344,7 +353,7 @@ class Measurement:
 
 
 def measure(
-    server: Server, client: redis.Redis, paths: Path, token: str, rnd: int, args: argparse.Namespace
+    server: Server, client: InfoSource, paths: Path, token: str, rnd: int, args: argparse.Namespace
 ) -> Measurement:
     quiesce = wait_redis_quiet(client)
     before = RedisSnapshot.take(client)
@@ -692,7 +701,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", default=str(BENCH_DIR / "p50_vs_keys.png"), help="PNG path ('' for none)")
     p.add_argument("--record", action="store_true", help="also rewrite the generated block of RESULTS.md")
     p.add_argument("--from-json", type=Path, help="re-render the outputs of a results.json; no load")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--cluster", action="store_true",
+        help="every server on a 3-primary Redis Cluster (bench/cluster_redis.py); "
+        "outputs in bench/out/cluster, no plot, no --record, unless --out/--plot are given",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    if args.cluster and args.record:
+        p.error("--record rewrites RESULTS.md's single-server block: not with --cluster")
+    if args.cluster and "--out" not in (argv or sys.argv):
+        args.out = BENCH_DIR / "out" / "cluster"
+    if args.cluster and "--plot" not in (argv or sys.argv):
+        args.plot = ""
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -733,10 +754,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sizes": {},
     }
     started = time.monotonic()
-    redis_server = RedisServer()
+    redis_server: RedisServer | ClusterRedis = ClusterRedis() if args.cluster else RedisServer()
     redis_url = redis_server.start()
-    client = redis.Redis.from_url(redis_url, socket_timeout=60)
+    client: InfoSource
+    if isinstance(redis_server, ClusterRedis):
+        client = redis_server.info_client()
+        # The baseline and the floor read `BENCH_REDIS_CLUSTER` (the environment they inherit).
+        os.environ["BENCH_REDIS_CLUSTER"] = "1"
+        extra_env["SIDECAR_REDIS_CLUSTER"] = "true"
+    else:
+        client = redis.Redis.from_url(redis_url, socket_timeout=60)
     results["machine"] = machine_facts(redis_url, redis_server.binary)
+    if args.cluster:
+        results["machine"]["redis"] += f", a {PRIMARIES}-primary Cluster"
     log(f"Redis at {redis_url} ({results['machine']['redis']}); servers: {', '.join(names)}")
     try:
         for size in sizes:
@@ -753,12 +783,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_size(
-    size: int, names: list[str], redis_url: str, client: redis.Redis, token: str,
+    size: int, names: list[str], redis_url: str, client: InfoSource, token: str,
     extra_env: dict[str, str], args: argparse.Namespace,
 ) -> dict[str, Any]:  # fmt: skip
     size_dir: Path = args.out / f"size-{size}"
     log(f"size {size:,}: FLUSHALL and fill")
-    fill_result = asyncio.run(fill(redis_url, size, conversations=args.conversations, seed=args.seed))
+    fill_result = asyncio.run(
+        fill(redis_url, size, conversations=args.conversations, seed=args.seed, cluster=args.cluster)
+    )
     fill_json, paths = fill_result.write(size_dir)
     log(
         f"  {fill_result.runs} runs, {fill_result.stream_entries:,} entries "

@@ -44,8 +44,8 @@ def cluster_ok(client: RedisCluster) -> Callable[[], Awaitable[bool]]:
         try:
             await client.initialize()
             for node in client.get_nodes():
-                info: Any = await client.cluster_info(target_nodes=node)
-                if info.get("cluster_state") != "ok":
+                state: Any = await client.cluster_info(target_nodes=node)
+                if state.get("cluster_state") != "ok":
                     return False
             return True
         except Exception:
@@ -67,12 +67,26 @@ async def until(check: Callable[[], bool | Awaitable[bool]], timeout_s: float, w
 
 
 async def command(port: int, *args: Any) -> Any:
-    """One command on a fresh connection to 127.0.0.1:port (nodes come and go in these tests)."""
-    client = aioredis.Redis(port=port, socket_timeout=5, socket_connect_timeout=2)
+    """One command on a fresh connection to 127.0.0.1:port (nodes come and go in these
+    tests), its RESP2 reply as the server sent it: redis-py's versions parse SENTINEL and
+    INFO replies into different shapes, and the suite runs on the lowest one too."""
+    client = aioredis.Redis(port=port, socket_timeout=5, socket_connect_timeout=2, protocol=2)
+    client.response_callbacks.clear()
     try:
         return await client.execute_command(*args)  # type: ignore[no-untyped-call]
     finally:
         await client.aclose()
+
+
+async def info(port: int, section: str) -> dict[str, str]:
+    """`INFO section` as field -> value (the text after the first colon)."""
+    text = (await command(port, "INFO", section)).decode()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+
+def pairs(reply: list[Any]) -> dict[bytes, Any]:
+    """A RESP2 flat list `[field, value, ...]` as a dict."""
+    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 async def pubsub_clients(port: int) -> int:
@@ -84,14 +98,14 @@ async def pubsub_clients(port: int) -> int:
 
 async def kill(port: int) -> None:
     """SIGKILL the server on that port: no goodbye to its clients or replicas."""
-    info = await command(port, "INFO", "server")
-    os.kill(int(info["process_id"]), signal.SIGKILL)
+    os.kill(int((await info(port, "server"))["process_id"]), signal.SIGKILL)
 
 
 async def calls(port: int, *names: str) -> int:
     """How many times that server ran these commands (`INFO commandstats`)."""
-    stats = await command(port, "INFO", "commandstats")
-    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names)
+    stats = await info(port, "commandstats")  # cmdstat_get -> calls=3,usec=...
+    counted = {k: dict(kv.split("=", 1) for kv in v.split(",")) for k, v in stats.items()}
+    return sum(int(counted.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names)
 
 
 class Sentinels:
@@ -152,13 +166,13 @@ class Sentinels:
 
         async def check() -> bool:
             for port in self.ports:
-                fields = await command(port, "SENTINEL", "MASTER", MASTER)
+                fields = pairs(await command(port, "SENTINEL", "MASTER", MASTER))
                 if int(fields[b"num-slaves"]) < 1 or int(fields[b"num-other-sentinels"]) < 2:
                     return False
                 if b"failover_in_progress" in fields[b"flags"] or b"down" in fields[b"flags"]:
                     return False
                 # Sentinel hands out only the replicas it sees up and linked (slave_for).
-                for replica in await command(port, "SENTINEL", "REPLICAS", MASTER):
+                for replica in map(pairs, await command(port, "SENTINEL", "REPLICAS", MASTER)):
                     if replica[b"flags"] != b"slave" or replica[b"master-link-status"] != b"ok":
                         return False
             primary = await self.primary()
@@ -248,8 +262,7 @@ class Cluster:
             running = [n.port for n in self.nodes if n.running]
             views = []
             for port in running:
-                info = (await command(port, "CLUSTER", "INFO")).decode()
-                if "cluster_state:ok" not in info:
+                if b"cluster_state:ok" not in await command(port, "CLUSTER", "INFO"):
                     return False
                 views.append(await self.shape(port))
             if any(view != views[0] for view in views):
@@ -260,10 +273,8 @@ class Cluster:
             if len(primaries) != 3 or served != primaries or len(shape) != len(running):
                 return False
             for port, (_, role, _) in shape.items():
-                if role == "slave":
-                    replication = await command(port, "INFO", "replication")
-                    if replication["master_link_status"] != "up":
-                        return False
+                if role == "slave" and (await info(port, "replication"))["master_link_status"] != "up":
+                    return False
             return True
 
         await until(check, timeout_s, "cluster ok, three primaries each with a linked replica")
