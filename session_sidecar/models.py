@@ -6,7 +6,7 @@ The schema is generated from these types, so the docs cannot drift from the wire
 from __future__ import annotations
 
 # The parser behind `re.compile` (sre_parse before 3.11), for the id pattern's length bounds.
-from re import _parser as regex_parser  # type: ignore[attr-defined]
+from re import _parser as regex_parser  # type: ignore[attr-defined,unused-ignore]
 from typing import Annotated, Any, Literal
 
 import msgspec
