@@ -75,6 +75,10 @@ async def _sentinel_moved(pool: SentinelConnectionPool, pubsubs: list[PubSub]) -
         if connection is not None and connection.is_connected:
             following = (_text(connection.host), int(connection.port))
             if following != named:
+                # Pooled connections opened before the switch still reach the former primary,
+                # which answers reads (without the newest writes) until Sentinel demotes it:
+                # drop them, so each reconnects to the server Sentinel names now.
+                await pool.disconnect()
                 return f"Sentinel names {_shown({named})} as primary, following {_shown({following})}"
     return None
 
