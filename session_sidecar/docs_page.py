@@ -52,8 +52,8 @@ function operation(spec, base, path, method, op) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     let url = base + path;
-    for (const name of Object.keys(inputs)) {
-      url = url.replace("{" + name + "}", encodeURIComponent(inputs[name].value));
+    for (const [name, input] of Object.entries(inputs)) {
+      url = url.replace("{" + name + "}", encodeURIComponent(input.value));
     }
     const headers = {Accept: "application/json"};
     const token = document.getElementById("token").value.trim();
