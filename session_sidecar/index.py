@@ -83,6 +83,8 @@ FLAGS_RECHECK_S = 10.0
 EVENTS_PER_TURN = 200
 # How long `close()` waits for the maintenance task before abandoning it.
 CLOSE_TIMEOUT_S = 5.0
+# How long an ended subscription waits for its readers (a read waits at most 1 s).
+READERS_STOP_S = 3.0
 PROBE_CONVERSATION = "sidecar-readiness-probe"  # no such conversation: what a lookup of any id costs
 MANAGED_REDIS = (
     "on managed Redis (CONFIG SET refused) set the notify-keyspace-events parameter: "
@@ -306,11 +308,12 @@ class LiveIndex:
         pubsubs = [server.pubsub() for server in servers]
         readers: list[asyncio.Task[None]] = []
         resync: asyncio.Task[None] | None = None
+        ended = asyncio.Event()  # this subscription is over, whether its readers saw a cancel or not
         try:
             for pubsub in pubsubs:
                 await self._subscribe(pubsub, channels)
             self.follows_writes = "set" in events and "xadd" in events
-            readers = [asyncio.create_task(self._read(pubsub, i)) for i, pubsub in enumerate(pubsubs)]
+            readers = [asyncio.create_task(self._read(pubsub, i, ended)) for i, pubsub in enumerate(pubsubs)]
             # A failover moves the primaries: start over on the new ones (topology.py).
             readers.append(asyncio.create_task(self._watch_primaries(servers, pubsubs)))
             resync = asyncio.create_task(self._resync(servers))
@@ -333,9 +336,19 @@ class LiveIndex:
         finally:
             self.follows_writes = False
             self._generation += 1
-            for task in (*readers, resync):
-                if task is not None and not task.done():
-                    task.cancel()  # a SCAN from before a disconnect must not mark us in sync
+            ended.set()
+            tasks = [task for task in (*readers, resync) if task is not None]
+            for task in tasks:
+                task.cancel()  # a SCAN from before a disconnect must not mark us in sync
+            if tasks:
+                # Before the subscriptions close: `aclose` hands a subscriber's connection back
+                # to the pool, where a reader still running (a lost cancellation, see `close`)
+                # would read it beside a request, or reconnect and resubscribe it. Such a
+                # reader stops on `ended` once its read returns (within a second).
+                await asyncio.wait(tasks, timeout=READERS_STOP_S)
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: in a failover several fail at once, one re-raised
             for pubsub in pubsubs:
                 if pubsub.connection is not None:
                     pubsub.connection.deregister_connect_callback(self._on_reconnect)
@@ -356,9 +369,9 @@ class LiveIndex:
             if msg is not None and msg["type"] == "subscribe":
                 confirmed += 1
 
-    async def _read(self, pubsub: PubSub, source: int) -> None:
+    async def _read(self, pubsub: PubSub, source: int, ended: asyncio.Event) -> None:
         handled = 0
-        while not self._stopping.is_set():
+        while not (self._stopping.is_set() or ended.is_set()):
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             self._last_heard = time.monotonic()  # the connection is alive and read
             if msg is not None:

@@ -120,6 +120,11 @@ def create_client(settings: Settings, *, replicas: bool = False) -> RedisClient:
         return client
     if settings.redis_cluster:
         common.pop("health_check_interval")
+        # A MOVED moves that slot in redis-py's map (a failover's too: the replica becomes the
+        # primary). By default every 5th one also closes every connection to rebuild the map,
+        # under the requests in flight, which then fail in redis-py itself (a 500, not a 503):
+        # a slot migration answers hundreds of MOVED. Failures still rebuild it.
+        common["reinitialize_steps"] = 0
         if replicas:
             common["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
         return RedisCluster.from_url(settings.redis_url, **common)
@@ -153,6 +158,13 @@ async def within_budget(timeout_s: float, work: Awaitable[T]) -> T:
         return task.result()
     except RedisError as exc:
         log.warning("redis unavailable: %s", type(exc).__name__)
+        raise Unavailable("Session store unavailable", reason="redis_error") from None
+    except (RuntimeError, AttributeError):
+        # redis-py's own connection state can break while a failover closes connections
+        # under requests in flight ("read() called while another coroutine is already
+        # waiting", a writer gone mid-connect): no answer from Redis, so a 503; logged in
+        # full, as it would be one of ours too.
+        log.exception("redis client failed")
         raise Unavailable("Session store unavailable", reason="redis_error") from None
 
 

@@ -6,8 +6,8 @@ FAILOVER` before Sentinel reconfigures it) stays up as a replica, and its subscr
 on hearing the events it replicates, late, or not at all once it is detached. So the
 index asks every `PRIMARIES_CHECK_S` who the primaries are and starts over on a change:
 Cluster: `CLUSTER SLOTS` (one command to a node it is connected to anyway); Sentinel: the
-primary Sentinel names, which also makes the shared pool drop its idle connections to a
-former primary (redis-py's `get_master_address`).
+primary Sentinel names, asked through the request pool (redis-py's `get_master_address`),
+whose connections to a former primary are then dropped too.
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ async def _sentinel_moved(pool: SentinelConnectionPool, pubsubs: list[PubSub]) -
             if following != named:
                 # Pooled connections opened before the switch still reach the former primary,
                 # which answers reads (without the newest writes) until Sentinel demotes it:
-                # drop them, so each reconnects to the server Sentinel names now.
-                await pool.disconnect()
+                # drop them, so each reconnects to the server Sentinel names now. Those in use
+                # as they come back: closed under a request, they break redis-py's own state.
+                await pool.update_active_connections_for_reconnect()
+                await pool.disconnect(inuse_connections=False)
                 return f"Sentinel names {_shown({named})} as primary, following {_shown({following})}"
     return None
 
