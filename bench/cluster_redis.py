@@ -1,6 +1,6 @@
 """A 3-primary Redis Cluster on loopback for `python -m bench.run --cluster`.
 
-The same binary and settings as the single server (`bench.run.RedisServer`): the
+The same binary and settings as the single server (`bench.harness.RedisServer`): the
 project's EmbeddedRedis, keyspace notifications on, no persistence; three primaries, no
 replicas (replicas would only add replication work for the fill, none for the reads
 measured). `SummedInfo` gives the harness one `INFO` over all three, summed, so the

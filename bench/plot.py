@@ -5,10 +5,11 @@ python -m bench.plot [bench/out/results.json] [bench/p50_vs_keys.png]
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from bench.report import load_results
 
 LABELS = {
     "baseline": "(a) in-backend baseline (KEYS, sync)",
@@ -26,11 +27,14 @@ def plot_p50(results: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     sizes = sorted(int(s) for s in results["sizes"])
+    cfg = results["config"]
+    # The work per request, not queueing: the fewest connections measured.
+    connections = min(cfg["connections"])
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     for name in ("baseline", "sidecar", "floor"):
         xs, ys, lo, hi = [], [], [], []
         for size in sizes:
-            entry = results["sizes"][str(size)]["servers"].get(name)
+            entry = results["sizes"][str(size)]["connections"][str(connections)].get(name)
             if entry is None:
                 continue
             med = entry["median"]
@@ -53,11 +57,10 @@ def plot_p50(results: dict[str, Any], path: Path) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("unrelated keys in Redis (plus ~1,700 keys of the 200 conversations)")
     ax.set_ylabel("p50 latency, ms (log)")
-    cfg = results.get("config", {})
     ax.set_title(
         "active-session p50 vs keyspace size\n"
-        f"wrk -c{cfg.get('connections', '?')}, {cfg.get('rounds', '?')} rounds x "
-        f"{cfg.get('duration', '?')} s, median (bars: min-max); {results.get('date', '')}",
+        f"wrk -c{connections}, {cfg['rounds']} rounds x "
+        f"{cfg['duration']} s, median (bars: min-max); {results.get('date', '')}",
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     source = Path(args[0]) if args else Path("bench/out/results.json")
     target = Path(args[1]) if len(args) > 1 else Path("bench/p50_vs_keys.png")
-    plot_p50(json.loads(source.read_text(encoding="utf-8")), target)
+    plot_p50(load_results(source), target)
     print(f"wrote {target}")
     return 0
 

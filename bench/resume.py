@@ -56,9 +56,9 @@ import httptools
 import redis
 
 from bench.common import API_PREFIX, JWT_SECRET, STREAM_PREFIX, mint_token
+from bench.harness import ROOT, RedisServer, Server, free_port, log, make_server
 from bench.resume_report import SERVERS, commit, plot, record, render
 from bench.resume_writer import conversation_of, run_id_of
-from bench.run import ROOT, RedisServer, Server, free_port, log, make_server
 
 CHUNK = re.compile(rb'"message": "m(\d+):(\d+) "')  # in a resume body (json.dumps of the content)
 CONTENT = re.compile(rb"^m(\d+):(\d+) $")  # in the stream entry itself

@@ -6,7 +6,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.run import RESULTS_MD, ROOT
+from bench.harness import ROOT
+from bench.report import RESULTS_MD
 
 SERVERS = ("backend", "sidecar")
 LABELS = {"backend": "(a) backend's route", "sidecar": "(b) session-sidecar"}

@@ -46,8 +46,9 @@ import redis
 import redis.asyncio as aioredis
 
 from bench.common import BENCH_USER, mint_token
+from bench.harness import ROOT, RedisServer, RedisSnapshot, Server, log, make_server
 from bench.httpconn import Connection, Reply, get_request
-from bench.run import RESULTS_MD, ROOT, RedisServer, RedisSnapshot, Server, log, make_server
+from bench.report import record_block
 from session_sidecar.simulator import BackendSimulator
 
 PER_CONVERSATION = 10  # clients watching each conversation
@@ -422,17 +423,6 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:,.1f}x" if b else "-"
 
 
-def record(block: str) -> None:
-    text = RESULTS_MD.read_text()
-    generated = f"{GEN_START}\n{block}\n{GEN_END}"
-    if GEN_START in text and GEN_END in text:
-        head, rest = text.split(GEN_START, 1)
-        text = head + generated + rest.split(GEN_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Watch against polling (`bench/watch.py`)\n\n" + generated + "\n"
-    RESULTS_MD.write_text(text)
-
-
 async def main_async(args: argparse.Namespace) -> list[Result]:
     out = Path(args.out)
     redis_server = RedisServer()
@@ -481,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     print(block)
     (Path(args.out) / "watch.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.record:
-        record(block)
+        record_block(block, GEN_START, GEN_END, "## Watch against polling (`bench/watch.py`)")
     return 0
 
 

@@ -4,8 +4,8 @@
 
 One fill (bench/fill.py, `--size` unrelated keys), then one `session-sidecar serve` per
 worker count (`SIDECAR_WORKERS`), each on its own port, loaded in turn by wrk over the
-conversation paths, the order rotated every round (bench/run.py's harness: quiet Redis
-before each run, medians over rounds). Reported per worker count: req/s, p50/p99, server
+conversation paths, the order rotated every round (bench/run.py's harness and measurement:
+quiet Redis before each run, medians over rounds). Reported per worker count: req/s, p50/p99, server
 CPU per request (all workers), how many cores the sidecar, Redis and wrk kept busy (on
 a small machine they share the cores, which caps what more workers can add), and after
 the load, per worker, its RSS and its Redis connections. Written to
@@ -25,7 +25,7 @@ import shutil
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +34,19 @@ import redis
 
 from bench.common import mint_token
 from bench.fill import fill
-from bench.run import (
+from bench.harness import (
     BENCH_DIR,
-    Measurement,
+    Load,
     RedisServer,
     Server,
     check_answers,
     log,
     machine_facts,
     make_server,
-    measure,
     run_wrk,
     wait_redis_quiet,
 )
+from bench.measure import Measurement, measure, rotated
 
 TARGET_RATIO = 1.6  # req/s of 2 workers over 1 (issue 14)
 
@@ -141,18 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.wait_ready()
             checks[server.name] = check_answers(server, fill_result, token, args.check_sample)
             log(f"{server.name} on :{server.port} ready; check {checks[server.name]}")
+        load = Load(args.duration, args.connections, args.threads, args.wrk_timeout)
         for server in servers:
             wait_redis_quiet(client)
-            run_wrk(
-                server, paths, token, duration_s=args.warmup, connections=args.connections,
-                threads=args.threads, timeout_s=args.wrk_timeout,
-            )  # fmt: skip
+            run_wrk(server, paths, token, replace(load, duration_s=args.warmup))
         rounds: dict[str, list[Measurement]] = {s.name: [] for s in servers}
         cores: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
         for rnd in range(args.rounds):
-            for server in servers[rnd % len(servers) :] + servers[: rnd % len(servers)]:
+            for server in rotated(servers, rnd):
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk: the child that ends
-                m = measure(server, client, paths, token, rnd, args)
+                m = measure(server, client, paths, token, rnd, load)
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 wrk_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                 rounds[server.name].append(m)

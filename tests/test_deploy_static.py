@@ -23,7 +23,6 @@ import http.client
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,7 @@ import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,10 @@ from session_sidecar.app import create_app
 from session_sidecar.demo import DEMO_USER
 from session_sidecar.embedded import NOTIFY_FLAGS, EmbeddedRedis, free_port
 from session_sidecar.settings import Settings
+from tests.dockerfile import Stage, apply_env, build_context, exec_form, healthcheck_command, parse_dockerfile
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
-DOCKERIGNORE = REPO / ".dockerignore"
 LOCK = REPO / "requirements.lock"
 REGENERATE_LOCK = "uv pip compile pyproject.toml --universal --python-version 3.11 -o requirements.lock"
 COMPOSE = REPO / "docker-compose.yml"
@@ -60,156 +59,13 @@ K8S = REPO / "deploy" / "kubernetes"
 GATEWAY_CONF = REPO / "deploy" / "nginx" / "sidecar-gateway.conf"
 SIDECAR_ROUTE = re.compile(r"/api/v1/conversations/[A-Za-z0-9._-]+/(active-session|task-status)")
 
-# --- a small Dockerfile reader -------------------------------------------------------------------
-
-
-@dataclass
-class Instruction:
-    keyword: str
-    args: str
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[Instruction] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[Instruction]:
-        return [i for i in self.instructions if i.keyword == keyword]
-
-    def one(self, keyword: str) -> Instruction:
-        found = self.all(keyword)
-        assert len(found) == 1, f"expected one {keyword} in stage {self.name}, found {len(found)}"
-        return found[0]
-
-    def env(self, start: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(start or {})
-        for instruction in self.all("ENV"):
-            apply_env(env, instruction.args)
-        return env
-
-
-def apply_env(env: dict[str, str], args: str) -> None:
-    """`ENV A=1 B="x y" PATH="/opt/venv/bin:${PATH}"`, expanded against what is set so far."""
-    for item in shlex.split(args):
-        key, sep, value = item.partition("=")
-        assert sep, f"ENV {args}: use the KEY=value form"
-        env[key] = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m[1] or m[2], ""), value)
-
-
-def logical_lines(text: str) -> list[str]:
-    lines: list[str] = []
-    current = ""
-    for raw in text.splitlines():
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and not current):
-            continue  # comments (and parser directives), also inside continuations
-        if stripped.endswith("\\"):
-            current += stripped[:-1].strip() + " "
-            continue
-        current += stripped
-        if current.strip():
-            lines.append(current.strip())
-        current = ""
-    assert not current, "Dockerfile ends inside a line continuation"
-    return lines
-
-
-def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
-    args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for line in logical_lines(text):
-        keyword, _, rest = line.partition(" ")
-        keyword = keyword.upper()
-        rest = rest.strip()
-        if keyword == "ARG" and not stages:
-            name, _, default = rest.partition("=")
-            args[name] = default
-        elif keyword == "FROM":
-            parts = rest.split()
-            base = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], parts[0])
-            alias = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
-            stages.append(Stage(base, alias))
-        else:
-            assert stages, f"{keyword} before the first FROM"
-            stages[-1].instructions.append(Instruction(keyword, rest))
-    return args, stages
-
-
-def exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
-    return value
-
-
-def healthcheck_command(stage: Stage) -> tuple[dict[str, str], list[str]]:
-    options, _, command = stage.one("HEALTHCHECK").args.partition("CMD ")
-    flags = dict(flag.removeprefix("--").split("=", 1) for flag in options.split())
-    return flags, exec_form(command)
+# --- the Dockerfile and its build context, as tests/dockerfile.py reads them ----------------------
 
 
 @pytest.fixture(scope="module")
 def dockerfile() -> list[Stage]:
     _, stages = parse_dockerfile(DOCKERFILE.read_text())
     return stages
-
-
-# --- .dockerignore (Docker's rules: last matching pattern wins, `!` re-includes) -----------------
-
-
-def _ignore_regex(pattern: str) -> re.Pattern[str]:
-    out = ""
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out += "(?:.*/)?"
-            i += 3
-        elif pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-        elif pattern[i] == "*":
-            out += "[^/]*"
-            i += 1
-        elif pattern[i] == "?":
-            out += "[^/]"
-            i += 1
-        elif pattern[i] == "[":
-            end = pattern.index("]", i)
-            out += pattern[i : end + 1]
-            i = end + 1
-        else:
-            out += re.escape(pattern[i])
-            i += 1
-    return re.compile(out)
-
-
-def build_context(root: Path) -> list[str]:
-    rules: list[tuple[bool, re.Pattern[str]]] = []
-    for line in DOCKERIGNORE.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        rules.append((negate, _ignore_regex(line.lstrip("!").strip("/"))))
-
-    def excluded(rel: str) -> bool:
-        parts = rel.split("/")
-        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-        result = False
-        for negate, regex in rules:
-            # A pattern that matches a directory applies to everything inside it.
-            if any(regex.fullmatch(p) for p in prefixes):
-                result = not negate
-        return result
-
-    files = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(root).as_posix()
-            if not excluded(rel):
-                files.append(rel)
-    return files
 
 
 def test_build_context_is_the_package_sources_only() -> None:
