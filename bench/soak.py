@@ -49,7 +49,7 @@ import redis.asyncio as aioredis
 
 from session_sidecar.embedded import EmbeddedRedis, free_port
 from session_sidecar.simulator import BackendSimulator, Outcome, live_run
-from session_sidecar.store import MAX_CONNECTIONS
+from session_sidecar.store.client import MAX_CONNECTIONS
 
 SECRET = "soak-only-secret-0123456789abcdef0123456789abcdef0123456789abcdef"
 WRONG_SECRET = "not-the-service-secret-0123456789abcdef0123456789abcdef01234567"

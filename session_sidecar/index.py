@@ -26,27 +26,21 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from session_sidecar.derive import RunFacts
+from session_sidecar.ended import EndedRuns
 from session_sidecar.notifications import NotificationsOff, sources, usable_events, write_events
 from session_sidecar.observability import Metrics
 from session_sidecar.settings import Settings
-from session_sidecar.store import (
-    SCAN_COUNT,
-    Found,
-    KeySchema,
-    RedisClient,
-    ScanFinder,
-    decode_key,
-    glob_escape,
-)
-from session_sidecar.topology import PRIMARIES_CHECK_S, PrimariesMoved, primaries_moved
+from session_sidecar.store.client import RedisClient, redis_timeout_s
+from session_sidecar.store.facts import Found, ScanFinder
+from session_sidecar.store.keys import SCAN_COUNT, KeySchema, decode_key
+from session_sidecar.topology import PRIMARIES_CHECK_S, PrimariesMoved, primaries_can_move, primaries_moved
 
 log = logging.getLogger("session_sidecar.index")
 
@@ -55,8 +49,9 @@ STREAM, STATUS = 1, 2  # which of a run's keys exist, as bits
 # i's shifted by 2i: mid slot migration the target announces a key (`new`) as the source
 # drops it (`del`), on two connections, in either order; the key exists while any has it.
 STREAMS = (1 << 2048) // 3  # 0b...0101: the STREAM bit of each of up to 1024 servers
-ADD_EVENTS = frozenset({"new", "rename_to"})
-REMOVE_EVENTS = frozenset({"del", "expired", "evicted", "rename_from", "unlink"})
+# `xadd`/`set` too: on servers without `new` (Redis 6), they are how a new key is heard.
+ADD_EVENTS = frozenset({"new", "rename_to", "xadd", "set"})
+REMOVE_EVENTS = frozenset({"del", "expired", "rename_from"})
 
 
 class KeyEvent(NamedTuple):
@@ -95,35 +90,18 @@ MANAGED_REDIS = (
 
 
 class Conversation:
-    """One conversation's runs: which keys exist, and the facts of runs that ended."""
+    """One conversation's runs: which keys exist, and what is known of those that ended."""
 
-    __slots__ = ("ended", "epoch", "others", "runs", "writing")
+    __slots__ = ("ended", "runs")
 
     def __init__(self) -> None:
         self.runs: dict[str, int] = {}  # run id -> STREAM|STATUS bits
-        # Facts of runs whose stream ends with `end`: a stream event for the run drops them.
-        self.ended: dict[str, RunFacts] = {}
-        # A read's facts are kept only if no stream event of their run came after the read
-        # began. An epoch per run would cost memory per run; instead `epoch` moves on every
-        # stream event, `writing` is the run of the latest ones, and `others` is the epoch of
-        # the last event of any other run. A live run written beside ended ones (the usual
-        # case, with `xadd` events: one per chunk) then spoils none of their facts.
-        self.epoch = self.others = next(_epochs)
-        self.writing: str | None = None
-
-    def touch(self, run_id: str) -> None:
-        """A stream event of `run_id`."""
-        if run_id != self.writing:
-            self.others, self.writing = self.epoch, run_id
-        self.epoch = next(_epochs)
-
-    def unchanged_since(self, run_id: str, epoch: int) -> bool:
-        """No stream event of `run_id` came after `epoch` (the epoch a read began at)."""
-        return self.epoch <= epoch or (self.others <= epoch and run_id != self.writing)
+        # Told of every event of a run's stream. Made afresh with the conversation, so a
+        # resync, which replaces every Conversation, drops what a lookup learnt from before it.
+        self.ended = EndedRuns()
 
 
 Entries = dict[str, Conversation]
-_epochs = itertools.count(1)
 
 
 class LiveIndex:
@@ -144,7 +122,6 @@ class LiveIndex:
         self._reconnected = False
         self.disabled_reason: str | None = None  # set when notifications are unusable
         self.seeded = asyncio.Event()
-        self.resyncs = 0
         self._listeners: list[Listener] = []
         # `set` and `xadd` events are followed too (the watch's triggers; notifications.write_events).
         self.follows_writes = False
@@ -153,6 +130,9 @@ class LiveIndex:
         self._scanned_keys = 0
         self._next_timing = 0.0
         self._stopping = asyncio.Event()
+        # Set on whatever the subscription loop (`_follow`) acts on: `close`, a reconnect, a
+        # reader or SCAN that ended. The loop sleeps on it, woken by nothing else.
+        self._wake = asyncio.Event()
         # Moves on when a subscription ends or reconnects: a SCAN begun before must not
         # mark the index in sync, even if its cancellation was lost (see `close`).
         self._generation = 0
@@ -166,24 +146,11 @@ class LiveIndex:
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def run_ids(self, conversation_id: str) -> set[str]:
-        conversation = self._entries.get(conversation_id)
-        return set(conversation.runs) if conversation else set()
-
     def find(self, conversation_id: str) -> Found:
         conversation = self._entries.get(conversation_id)
         if conversation is None:
             return Found(frozenset())
-        return Found(frozenset(conversation.runs), dict(conversation.ended), conversation.epoch)
-
-    def remember_ended(self, conversation_id: str, facts: list[RunFacts], epoch: int) -> None:
-        conversation = self._entries.get(conversation_id)
-        if not facts or conversation is None or not self.in_sync:
-            return
-        for fact in facts:
-            run_id = fact.run_id
-            if conversation.runs.get(run_id, 0) & STREAMS and conversation.unchanged_since(run_id, epoch):
-                conversation.ended[run_id] = fact
+        return Found(frozenset(conversation.runs), conversation.ended)
 
     @property
     def size(self) -> int:
@@ -194,7 +161,7 @@ class LiveIndex:
 
     @property
     def scan_limit_s(self) -> float:
-        return self._settings.redis_timeout_ms / 1000 * SCAN_SHARE
+        return redis_timeout_s(self._settings) * SCAN_SHARE
 
     def not_ready_reason(self) -> str | None:
         """Why requests cannot be answered within the budget yet, or None."""
@@ -224,6 +191,7 @@ class LiveIndex:
     async def close(self) -> None:
         """Stop the maintenance task within CLOSE_TIMEOUT_S, whatever it was doing."""
         self._stopping.set()
+        self._wake.set()
         task, self._task = self._task, None
         if task is None:
             return
@@ -313,26 +281,33 @@ class LiveIndex:
             for pubsub in pubsubs:
                 await self._subscribe(pubsub, channels)
             self.follows_writes = "set" in events and "xadd" in events
-            readers = [asyncio.create_task(self._read(pubsub, i, ended)) for i, pubsub in enumerate(pubsubs)]
-            # A failover moves the primaries: start over on the new ones (topology.py).
-            readers.append(asyncio.create_task(self._watch_primaries(servers, pubsubs)))
-            resync = asyncio.create_task(self._resync(servers))
+            readers = [self._spawn(self._read(pubsub, i, ended)) for i, pubsub in enumerate(pubsubs)]
+            if primaries_can_move(self._client):
+                # A failover moves the primaries: start over on the new ones (topology.py).
+                readers.append(self._spawn(self._watch_primaries(servers, pubsubs)))
+            resync = self._spawn(self._resync(servers))
             next_resync = time.monotonic() + self._settings.index_resync_s
             while not self._stopping.is_set():
-                done, _ = await asyncio.wait(readers, timeout=0.2)
-                for reader in done:
-                    reader.result()  # re-raise what stopped a subscriber: start over
+                self._wake.clear()  # before looking: what happens from now on ends the wait below
+                for reader in readers:
+                    if reader.done():
+                        reader.result()  # re-raise what stopped a subscriber: start over
                 if self._reconnected:
                     self._reconnected = False
                     resync.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await resync
-                    resync = asyncio.create_task(self._resync(servers))
+                    resync = self._spawn(self._resync(servers))
                 if resync.done():
                     resync.result()  # re-raise a failed SCAN: start over
                     if time.monotonic() >= next_resync:
-                        resync = asyncio.create_task(self._resync(servers))
+                        resync = self._spawn(self._resync(servers))
                         next_resync = time.monotonic() + self._settings.index_resync_s
+                # Until one of the above changes, or the next resync is due.
+                due = None if not resync.done() else next_resync - time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(due):
+                        await self._wake.wait()
         finally:
             self.follows_writes = False
             self._generation += 1
@@ -382,6 +357,12 @@ class LiveIndex:
                     # let the requests in between.
                     await asyncio.sleep(0)
 
+    def _spawn(self, work: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        """A task of the subscription, whose end wakes its loop."""
+        task = asyncio.create_task(work)
+        task.add_done_callback(lambda _: self._wake.set())
+        return task
+
     async def _watch_primaries(self, servers: list[aioredis.Redis], pubsubs: list[PubSub]) -> None:
         while not self._stopping.is_set():
             await self._pause(PRIMARIES_CHECK_S)
@@ -393,20 +374,20 @@ class LiveIndex:
         log.warning("index subscriber reconnected: SCAN per request until re-seeded")
         self.in_sync = False
         self._reconnected = True
+        self._wake.set()
         self._generation += 1
 
     # -- events and scans ----------------------------------------------------
 
-    def _on_event(self, channel: bytes, key: bytes, source: int = 0) -> None:
+    def _on_event(self, channel: bytes, key: bytes, source: int) -> None:
         if not key.startswith(self._prefixes):
             return  # the vast majority: keys that are not ours
-        event = channel.decode().removeprefix(self._channel_prefix)
         text = decode_key(key)
-        parsed = self._schema.parse(text) if text is not None else None
-        if parsed is None:
+        if text is None or (parsed := self._schema.parse(text)) is None:
             return
+        event = channel.decode().removeprefix(self._channel_prefix)
         conversation, run_id = parsed
-        stream = text is not None and text.startswith(self._schema.stream_prefix + ":")
+        stream = text.startswith(self._schema.stream_prefix + ":")
         bit = (STREAM if stream else STATUS) << 2 * source
         if self._journal is not None:
             self._journal.append((event, conversation, run_id, bit))
@@ -421,9 +402,9 @@ class LiveIndex:
         self._journal = journal
         try:
             fresh: Entries = {}
-            kinds = ((self._schema.stream_prefix, STREAM), (self._schema.status_prefix, STATUS))
-            for (prefix, kind), (source, server) in itertools.product(kinds, enumerate(servers)):
-                async for raw in server.scan_iter(match=f"{glob_escape(prefix)}:*", count=SCAN_COUNT):
+            kinds = tuple(zip(self._schema.match_patterns(), (STREAM, STATUS), strict=True))
+            for (pattern, kind), (source, server) in itertools.product(kinds, enumerate(servers)):
+                async for raw in server.scan_iter(match=pattern, count=SCAN_COUNT):
                     key = decode_key(raw)
                     parsed = self._schema.parse(key) if key is not None else None
                     if parsed is not None:
@@ -438,7 +419,6 @@ class LiveIndex:
         if generation != self._generation:
             return
         self._entries = fresh
-        self.resyncs += 1
         self._last_heard = time.monotonic()
         self.in_sync = True
         self.seeded.set()
@@ -449,8 +429,7 @@ class LiveIndex:
 
 def _apply(entries: Entries, event: str, conversation_id: str, run_id: str, bit: int) -> None:
     conversation = entries.get(conversation_id)
-    # `xadd`/`set` (servers without `new`) also mean "this key exists now".
-    if event in ADD_EVENTS or event in ("xadd", "set"):
+    if event in ADD_EVENTS:
         if conversation is None:
             conversation = entries[conversation_id] = Conversation()
         conversation.runs[run_id] = conversation.runs.get(run_id, 0) | bit
@@ -467,8 +446,7 @@ def _apply(entries: Entries, event: str, conversation_id: str, run_id: str, bit:
     else:
         return
     if bit & STREAMS:
-        conversation.ended.pop(run_id, None)
-        conversation.touch(run_id)
+        conversation.ended.changed(run_id)
 
 
 class IndexedFinder:
@@ -482,6 +460,3 @@ class IndexedFinder:
         if self.index.in_sync:
             return self.index.find(conversation_id)
         return await self.fallback.find(conversation_id)
-
-    def remember_ended(self, conversation_id: str, facts: list[RunFacts], epoch: int) -> None:
-        self.index.remember_ended(conversation_id, facts, epoch)

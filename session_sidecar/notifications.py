@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from session_sidecar.settings import Settings
-from session_sidecar.store import RedisClient
+from session_sidecar.store.client import RedisClient, redis_timeout_s
 
 log = logging.getLogger("session_sidecar.index")
 
@@ -28,7 +28,9 @@ FLAGS_LEGACY = "Eg$xt"
 # ($: a status change) and `xadd` (t: a stream entry, such as `end`).
 FLAGS_WRITES = "$t"
 _ALIASES = {"A": "g$lshzxetd"}
-_FOLLOWED = ("del", "unlink", "expired", "evicted", "rename_from", "rename_to")
+# No `evicted` (flag `e`, never asked for: an evicted run stays a candidate, one read too
+# many, until the next resync) and no `unlink` (UNLINK publishes `del`): neither would fire.
+_FOLLOWED = ("del", "expired", "rename_from", "rename_to")
 
 
 class NotificationsOff(Exception):
@@ -59,7 +61,7 @@ async def sources(client: RedisClient, settings: Settings) -> list[aioredis.Redi
     for node in client.get_primaries():
         netloc = f"{userinfo}@{node.host}:{node.port}" if userinfo else f"{node.host}:{node.port}"
         node_url = urlunsplit(url._replace(netloc=netloc, path="/0"))
-        timeout_s = settings.redis_timeout_ms / 1000
+        timeout_s = redis_timeout_s(settings)
         nodes.append(
             aioredis.Redis.from_url(node_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         )

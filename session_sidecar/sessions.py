@@ -22,22 +22,17 @@ from session_sidecar.derive import (
     derive_run,
     estimated_completion,
 )
+from session_sidecar.ended import Known
 from session_sidecar.settings import Settings
-from session_sidecar.store import (
-    RUNS_PER_TRIP,
-    Found,
-    KeySchema,
-    RedisClient,
-    RunFinder,
-    read_facts,
-    within_budget,
-)
+from session_sidecar.store.client import RedisClient, redis_timeout_s, within_budget
+from session_sidecar.store.facts import RUNS_PER_TRIP, Found, RunFinder, read_facts
+from session_sidecar.store.keys import KeySchema
 
-# A facts read of more runs than this takes several round trips (store.RUNS_PER_TRIP) and
-# may outlast the budget: 5,000 runs, 25,000 commands, take over a second. The request then
+# A facts read of more runs than this takes several round trips (facts.RUNS_PER_TRIP) and
+# may outlast the budget: 5,000 runs, 15,000 commands, take over a second. The request then
 # answers 503 at its deadline, but the read goes on (one per conversation, at most
 # MAX_LARGE_READS at a time), so that the ended runs' facts reach the finder's memory: the
-# conversation's next lookup reads one XLEN per ended run, and answers.
+# conversation's next lookup reads one XINFO STREAM per ended run, and answers.
 LARGE_READ_RUNS = RUNS_PER_TRIP
 MAX_LARGE_READS = 4
 
@@ -66,7 +61,7 @@ class SessionService:
             cursor_first=settings.active_cursor == "first",
         )
         self.durations = DurationTracker(settings.default_duration_s * 1000)
-        self.timeout_s = settings.redis_timeout_ms / 1000
+        self.timeout_s = redis_timeout_s(settings)
         self._large_reads: dict[str, asyncio.Task[list[RunFacts]]] = {}
 
     async def lookup(
@@ -93,12 +88,12 @@ class SessionService:
         while True:
             found = await self.finder.find(conversation_id)
             run_ids = [r for r in found.run_ids if visible(r)]
-            known = {r: found.ended[r] for r in run_ids if r in found.ended}
-            to_read = [r for r in run_ids if r not in known]
+            known = Known({}, 0) if found.ended is None else found.ended.known(run_ids)
+            to_read = [r for r in run_ids if r not in known.facts]
             pending = self._large_reads.get(conversation_id)
             if (
                 len(to_read) <= LARGE_READ_RUNS
-                or not found.epoch  # the finder keeps no facts: nothing to finish a read for
+                or found.ended is None  # the finder keeps no facts: nothing to finish a read for
                 or (pending is None and len(self._large_reads) >= MAX_LARGE_READS)
             ):
                 return await self._read_facts(conversation_id, found, to_read, known, primary)
@@ -123,14 +118,13 @@ class SessionService:
         conversation_id: str,
         found: Found,
         to_read: list[str],
-        known: dict[str, RunFacts],
+        known: Known,
         primary: bool,
     ) -> list[RunFacts]:
         client = self.client if primary else self.reads
-        facts = await read_facts(client, self.schema, conversation_id, to_read, known)
-        # A run whose stream ends with `end` stops changing: the finder may keep its facts.
-        fresh_ended = [f for f in facts if f.last_entry_type == "end" and f is not known.get(f.run_id)]
-        self.finder.remember_ended(conversation_id, fresh_ended, found.epoch)
+        facts = await read_facts(client, self.schema, conversation_id, to_read, known.facts)
+        if found.ended is not None:
+            found.ended.remember(facts, known.since)  # it keeps those of runs that ended
         return facts
 
     async def ping(self) -> bool:

@@ -65,7 +65,7 @@ class BackendSimulator:
         self.stream_prefix = stream_prefix
         self.old_backend = old_backend
 
-    # Spelled out here rather than taken from store.KeySchema: the simulator is the
+    # Spelled out here rather than taken from store.keys.KeySchema: the simulator is the
     # backend's side of the contract, so a slip in the sidecar's schema shows in tests.
     def stream_key(self, conversation_id: str, run_id: str) -> str:
         return f"{self.stream_prefix}:{conversation_id}:{run_id}"

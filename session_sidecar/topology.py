@@ -22,7 +22,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from session_sidecar.store import RedisClient
+from session_sidecar.store.client import RedisClient
 
 log = logging.getLogger("session_sidecar.index")
 
@@ -33,6 +33,11 @@ Address = tuple[str, int]
 
 class PrimariesMoved(RedisConnectionError):
     """The index follows servers that are no longer (all) the primaries: subscribe again."""
+
+
+def primaries_can_move(client: RedisClient) -> bool:
+    """Cluster and Sentinel move primaries; a single server is the primary for good."""
+    return isinstance(client, RedisCluster) or isinstance(client.connection_pool, SentinelConnectionPool)
 
 
 async def primaries_moved(

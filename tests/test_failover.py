@@ -24,6 +24,7 @@ from session_sidecar.simulator import BackendSimulator
 from tests.conftest import auth
 from tests.steady import Follower, LiveWriter, Poller
 from tests.streaming import Served, serve
+from tests.test_index import Seeds
 from tests.topology import MASTER, Sentinels, calls, command, kill, pubsub_clients, until
 
 # README, "Sentinel, Cluster, and every core": once Sentinel names the new primary, right answers within this.
@@ -100,7 +101,7 @@ async def failover_under_polling(
     live = await writer.full_run(CONV, "alice", "live", chunks=1, status=None)
     old = await sentinels.primary()
     await until(lambda: sidecar_subscribed(old), 10, "the index subscribed on the primary")
-    resyncs = index.resyncs
+    seeds = Seeds(index)
     follower = Follower(served, CONV, live).start()
     live_writer = LiveWriter(writer, CONV, live).start()
     poller = Poller(served, CONV, live).start()
@@ -124,19 +125,19 @@ async def failover_under_polling(
         await follower.stop()
     new = await sentinels.primary()
     # Re-seeded from the new primary, whose events it now follows.
-    await until(lambda: index.in_sync and index.resyncs > resyncs, 20, "index re-seeded")
+    await until(lambda: index.in_sync and seeds.count > 0, 20, "index re-seeded")
     await until(lambda: sidecar_subscribed(new), 10, "the index subscribed on the new primary")
     # A run created after the switch is found through the index, not a SCAN. Written on a
     # new connection: until Sentinel demotes the old primary (seconds later), a pooled one
     # may still write there, what the demotion then discards.
     async with backend(sentinels) as fresh_writer:
         fresh = await fresh_writer.full_run("conv-after", "alice", "m", chunks=1, status=None)
-    await until(lambda: fresh in index.run_ids("conv-after"), 10, "the new run in the index")
-    resyncs = index.resyncs
+    await until(lambda: fresh in index.find("conv-after").run_ids, 10, "the new run in the index")
+    resyncs = seeds.count
     assert index.in_sync
     body = await served_get(served, "conv-after")
     assert body["sessionId"] == fresh
-    assert index.in_sync and index.resyncs == resyncs, "answered from the index, no re-seed between"
+    assert index.in_sync and seeds.count == resyncs, "answered from the index, no re-seed between"
     return Measured(switched - triggered, recovery, outage, len(poller.unavailable()))
 
 
@@ -180,7 +181,7 @@ async def test_sentinel_reads_from_the_replica(
     await until(lambda: _replicated(replica, writer, CONV, live), 10, "the run on the replica")
 
     async def reads(port: int) -> int:
-        return await calls(port, "xrange", "xrevrange", "pttl")
+        return await calls(port, "xinfo|stream", "pttl")
 
     before = {port: await reads(port) for port in (primary, replica)}
     with serve(settings_for(sentinels, make_settings, read_from_replicas=True)) as served:
@@ -188,7 +189,7 @@ async def test_sentinel_reads_from_the_replica(
         for _ in range(20):
             assert (await served_get(served, CONV))["sessionId"] == live
     after = {port: await reads(port) for port in (primary, replica)}
-    assert after[replica] - before[replica] >= 20 * 3, "every lookup's facts from the replica"
+    assert after[replica] - before[replica] >= 20 * 2, "every lookup's facts from the replica"
     assert after[primary] == before[primary], "no fact read on the primary"
 
 

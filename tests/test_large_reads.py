@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from session_sidecar.index import Conversation, LiveIndex
+from session_sidecar.ended import EndedRuns
+from session_sidecar.index import LiveIndex
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from tests.conftest import Api, open_api
@@ -66,13 +67,14 @@ async def test_a_large_read_is_done_once_and_the_conversation_then_answers(
 
         await wait_for(answers, timeout_s=15)
         answering_s = time.monotonic() - asked
-        # Read once, not once per caller: each caller's own read would have cost 5,001 XRANGEs.
-        xranges = await commands(redis_client, "xrange")
-        assert xranges <= runs + 1 + 100, xranges
-        assert len(index._entries[CONV].ended) == runs
+        # Read once, not once per caller: each caller's own read would have cost 5,001 PTTLs
+        # (a full read's only, one a run: the check of kept facts sends none).
+        pttls = await commands(redis_client, "pttl")
+        assert pttls <= runs + 1 + 100, pttls
+        assert len(index._entries[CONV].ended.known(index._entries[CONV].runs).facts) == runs
         print(
             f"{runs} ended runs: {[r.status_code for r in first]} for 8 callers at once, "
-            f"answering {answering_s * 1000:.0f} ms after; {xranges} XRANGE calls in all"
+            f"answering {answering_s * 1000:.0f} ms after; {pttls} PTTL calls in all"
         )
 
 
@@ -113,17 +115,18 @@ async def test_ended_runs_are_remembered_while_another_run_is_written(
         # Every ended run's facts from that one read, though the live run was written meanwhile;
         # never the live run's own (its stream goes on).
         assert during > 1
-        assert len(index._entries[CONV].ended) == runs and live not in index._entries[CONV].ended
+        kept = index._entries[CONV].ended.known(index._entries[CONV].runs).facts
+        assert len(kept) == runs and live not in kept
 
 
 def test_a_read_keeps_facts_only_of_runs_without_a_stream_event_since() -> None:
-    conversation = Conversation()
-    began = conversation.epoch  # a read begins
+    conversation = EndedRuns()
+    began = conversation.known(()).since  # a read begins
     assert conversation.unchanged_since("a", began) and conversation.unchanged_since("b", began)
-    conversation.touch("live")  # a run written meanwhile spoils only its own facts
-    conversation.touch("live")
+    conversation.changed("live")  # a run written meanwhile spoils only its own facts
+    conversation.changed("live")
     assert conversation.unchanged_since("a", began) and not conversation.unchanged_since("live", began)
-    conversation.touch("b")  # events of two runs: any fact may be stale
+    conversation.changed("b")  # events of two runs: any fact may be stale
     assert not conversation.unchanged_since("a", began) and not conversation.unchanged_since("b", began)
-    later = conversation.epoch  # a read that began after all of them keeps everything
+    later = conversation.known(()).since  # a read that began after all of them keeps everything
     assert conversation.unchanged_since("a", later) and conversation.unchanged_since("live", later)

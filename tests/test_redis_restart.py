@@ -19,7 +19,7 @@ from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from tests.conftest import Api, open_api
 from tests.loadcheck import Load, Question, expected_answers, judge, seed_world
-from tests.test_index import wait_for
+from tests.test_index import Seeds, wait_for
 
 BUDGET_MS = 400
 MARGIN_S = 1.0
@@ -50,14 +50,14 @@ async def test_sigkill_and_restart_with_data(make_settings: Callable[..., Settin
         async for api in open_api(settings):
             index = index_of(api)
             await wait_for(lambda: index.in_sync)
-            seeded = {conv: index.run_ids(conv) for conv in conversations}
+            seeded = {conv: index.find(conv).run_ids for conv in conversations}
             expected = await expected_answers(api, conversations)
             async with Load(api, expected) as load:
                 await asyncio.sleep(0.3)
                 await sigkill(server)
                 on = time.monotonic()  # the process is dead and reaped
                 await asyncio.sleep(DOWN_S)
-                resyncs = index.resyncs
+                seeds = Seeds(index)
                 off = time.monotonic()  # recovery is counted from the restart, Redis's own boot included
                 await asyncio.to_thread(server.start)
                 await asyncio.sleep(SETTLE_S + 0.5)
@@ -69,8 +69,8 @@ async def test_sigkill_and_restart_with_data(make_settings: Callable[..., Settin
             assert window.slowest_s < BUDGET_MS / 1000 + MARGIN_S
             assert window.first_right_after_s is not None and window.first_right_after_s < SETTLE_S
             # The index re-seeded from the restarted server, and follows it live again.
-            assert index.resyncs > resyncs and index.in_sync
-            assert {conv: index.run_ids(conv) for conv in conversations} == seeded
+            assert seeds.count > 0 and index.in_sync
+            assert {conv: index.find(conv).run_ids for conv in conversations} == seeded
             await _new_run_is_seen(api, server.url)
 
 
@@ -83,7 +83,7 @@ async def test_sigkill_and_restart_empty(make_settings: Callable[..., Settings])
             await wait_for(lambda: index.in_sync)
             expected = await expected_answers(api, conversations)
             # Every ended run's facts are in the index's memory now: the stale answers to refuse.
-            assert sum(len(c.ended) for c in index._entries.values()) >= 6
+            assert sum(len(c.ended.known(c.runs).facts) for c in index._entries.values()) >= 6
             async with Load(api, expected) as load:
                 await asyncio.sleep(0.3)
                 await sigkill(server)

@@ -18,7 +18,7 @@ from session_sidecar.embedded import EmbeddedRedis, find_server_binary, free_por
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from tests.conftest import open_api
-from tests.test_index import wait_for
+from tests.test_index import Seeds, wait_for
 from tests.topology import cli_beside, cluster_ok
 
 CONV = "conv-servers"
@@ -34,9 +34,9 @@ async def _lookup_through_index(
         async for api in open_api(make_settings(redis_url=sidecar_url or url, index_mode="index", **fields)):
             index = api.app.state.sidecar.index
             await asyncio.wait_for(index.seeded.wait(), 5)
-            assert index.run_ids(CONV) == {done}
+            assert index.find(CONV).run_ids == {done}
             live = await sim.full_run(CONV, "alice", "b", chunks=1, status=None)
-            await wait_for(lambda: live in index.run_ids(CONV))
+            await wait_for(lambda: live in index.find(CONV).run_ids)
             body = (await api.get(CONV, "active-session")).json()
             assert body["sessionId"] == live and body["status"] == "active"
     finally:
@@ -106,23 +106,25 @@ async def test_redis_cluster_index_follows_every_primary(make_settings: Callable
         async for api in open_api(settings):
             index = api.app.state.sidecar.index
             await asyncio.wait_for(index.seeded.wait(), 10)
-            assert index.run_ids(CONV) == set(runs)  # seeded by a SCAN of every node
+            assert index.find(CONV).run_ids == set(runs)  # seeded by a SCAN of every node
             live = await sim.full_run(CONV, "alice", "live", chunks=1, status=None)
             other = await sim.full_run("conv-other", "alice", "x", chunks=1, status=None)
-            await wait_for(lambda: live in index.run_ids(CONV) and other in index.run_ids("conv-other"))
+            await wait_for(
+                lambda: live in index.find(CONV).run_ids and other in index.find("conv-other").run_ids
+            )
             assert (await api.get(CONV, "active-session")).json()["sessionId"] == live
             await writer.delete(sim.stream_key(CONV, live))
             await writer.delete(sim.status_key(CONV, live))
-            await wait_for(lambda: live not in index.run_ids(CONV))
+            await wait_for(lambda: live not in index.find(CONV).run_ids)
             body = (await api.get(CONV, "active-session")).json()
             assert body["sessionId"] == runs[-1], "the latest run, wherever its keys live"
             # One primary drops our subscriber: the whole index is re-seeded.
-            before = index.resyncs
+            seeds = Seeds(index)
             killer = aioredis.Redis.from_url(nodes[2].url)
             assert await killer.client_kill_filter(_type="pubsub") == 1
             await killer.aclose()
-            await wait_for(lambda: index.resyncs > before and index.in_sync, timeout_s=10)
-            assert index.run_ids(CONV) == set(runs)
+            await wait_for(lambda: seeds.count > 0 and index.in_sync, timeout_s=10)
+            assert index.find(CONV).run_ids == set(runs)
         async for api in open_api(
             make_settings(redis_url=nodes[1].url, redis_cluster=True, index_mode="scan")
         ):

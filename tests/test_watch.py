@@ -30,7 +30,8 @@ from tests.live_server import serve_in_thread
 
 CONV = "conv-watch"
 NOTICE_S = 1.5  # SPEC: within one second; the rest is slack for a loaded 2-core machine
-READS = ("xrange", "xrevrange", "xlen", "get", "pttl", "scan")  # every command the sidecar reads with
+# Every command the sidecar reads with.
+READS = ("xrange", "xrevrange", "xlen", "xinfo|stream", "get", "pttl", "scan")
 
 
 async def wait_for(check: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -25,7 +25,7 @@ from session_sidecar.index import KeyEvent, LiveIndex
 from session_sidecar.observability import Metrics
 from session_sidecar.sessions import Lookup, SessionService
 from session_sidecar.settings import Settings
-from session_sidecar.store import within_budget
+from session_sidecar.store.client import within_budget
 from session_sidecar.watch.versions import Endpoint, Wanted, matches
 
 PROMPT_S = 0.02  # the backend writes in pairs (status SET, then XADD): one read for both
