@@ -21,7 +21,8 @@ from session_sidecar.errors import Forbidden, Unauthorized, Unavailable
 from session_sidecar.settings import Settings
 from session_sidecar.ttlcache import TTLCache
 
-log = logging.getLogger("session_sidecar.access")
+# Not `session_sidecar.access`: that is the access log's, one line per request.
+log = logging.getLogger("session_sidecar.policy")
 
 # Equal filters must admit the same runs: the watch shares one read between callers
 # whose filters are equal (docs/watch.md).

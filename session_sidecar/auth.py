@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.types import Options
 
-from session_sidecar.errors import ConfigError, Unauthorized, Unavailable
+from session_sidecar.errors import AuthFailure, ConfigError, Unauthorized, Unavailable
 from session_sidecar.jwks import JwksCache, UnknownKey
 from session_sidecar.settings import Settings
 from session_sidecar.ttlcache import TTLCache
@@ -46,12 +46,12 @@ class Identity(msgspec.Struct, frozen=True):
     user_id: str
     # sha256 of the token: a cache key that is safe to keep in memory.
     token_hash: str | None = None
-    # The raw header, only to forward to the backend policy. Never logged.
+    # The raw header, only to forward to the backend policy. Never logged. None: development
+    # mode's default user, who sent no token.
     authorization: str | None = msgspec.field(default=None)
-    development: bool = False
 
     def __repr__(self) -> str:
-        return f"Identity(user_id={self.user_id!r}, development={self.development})"
+        return f"Identity(user_id={self.user_id!r})"
 
 
 def token_hash(token: str) -> str:
@@ -140,7 +140,7 @@ class Authenticator:
         settings = self._settings
         if token is None:
             if settings.development_mode and settings.default_username:
-                return Identity(user_id=settings.default_username, development=True)
+                return Identity(user_id=settings.default_username)
             raise Unauthorized("Missing bearer token", reason="missing", token_sent=False)
         digest = token_hash(token)
         user_id = self._verified.get(digest)
@@ -207,8 +207,8 @@ class Authenticator:
         raise Unauthorized("Token names no user", reason="no_user")
 
 
-def _reason(exc: jwt.InvalidTokenError) -> str:
-    reasons: list[tuple[type[jwt.InvalidTokenError], str]] = [
+def _reason(exc: jwt.InvalidTokenError) -> AuthFailure:
+    reasons: list[tuple[type[jwt.InvalidTokenError], AuthFailure]] = [
         (jwt.InvalidSignatureError, "bad_signature"),
         (jwt.InvalidAudienceError, "wrong_audience"),
         (jwt.InvalidIssuerError, "wrong_issuer"),

@@ -37,8 +37,8 @@ class RunFacts(msgspec.Struct, frozen=True):
     last_entry_id: str | None = None
     last_entry_type: str | None = None
     status: str | None = None  # None: the status key is absent (expired)
-    status_pttl_ms: int | None = None  # remaining TTL; None when absent or persistent
-    stream_length: int = 0  # XLEN: tells whether the stream of an ended run changed since
+    status_pttl_ms: int | None = None  # remaining TTL (>= 0); None when absent or persistent
+    stream_length: int = 0  # with the last entry id: whether an ended run's stream changed (ended.py)
 
 
 class RunView(msgspec.Struct, frozen=True):
@@ -66,17 +66,15 @@ def entry_ms(entry_id: str) -> int:
 
 def derive_run(facts: RunFacts, now_ms: int, rules: Rules) -> RunView | None:
     """The state of one run, or None when neither its stream nor its status exists."""
-    has_entries = facts.last_entry_id is not None and facts.first_entry_id is not None
-    if not has_entries and facts.status is None:
-        return None
-
     if facts.first_entry_id is not None and facts.last_entry_id is not None:
         started_at = entry_ms(facts.first_entry_id)
         last_activity = entry_ms(facts.last_entry_id)
         cursor = facts.first_entry_id if rules.cursor_first else facts.last_entry_id
+    elif facts.status is None:
+        return None
     else:
         # No stream yet (a queued run): the status was set `status_ttl - PTTL` ago.
-        if facts.status_pttl_ms is not None and facts.status_pttl_ms >= 0:
+        if facts.status_pttl_ms is not None:
             started_at = now_ms - max(0, rules.status_ttl_ms - facts.status_pttl_ms)
         else:
             started_at = now_ms  # a status key with no TTL carries no date at all
@@ -90,8 +88,9 @@ def derive_run(facts: RunFacts, now_ms: int, rules: Rules) -> RunView | None:
         return RunView(facts.run_id, RunState.FINISHED, cursor, started_at, last_activity, last_activity)
 
     fresh = now_ms - last_activity <= rules.stale_after_ms
-    # A status key expires after its TTL while a long run's stream keeps growing.
-    stream_alone = facts.status is None and has_entries
+    # A status key expires after its TTL while a long run's stream keeps growing. (Without
+    # a status the run has entries: a run with neither was None above.)
+    stream_alone = facts.status is None
     working = (facts.status in WORKING_STATUSES or stream_alone) and fresh
     state = RunState.WORKING if working else RunState.IDLE
     return RunView(facts.run_id, state, cursor, started_at, last_activity, None)
@@ -142,24 +141,26 @@ class DurationTracker:
         # Bounded memory of which runs were already counted (a run is polled many times).
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._seen_max = keep * 10
+        # Every lookup asks for the median, and a new sample is rare: it is kept until one comes.
+        self._median: int | None = None
 
     def observe(self, conversation_id: str, facts: RunFacts) -> None:
-        duration = observed_duration_ms(facts)
-        if duration is None:
-            return
+        # Every lookup observes every run it read, mostly runs already counted: that check first.
         key = (conversation_id, facts.run_id)
         if key in self._seen:
+            return
+        duration = observed_duration_ms(facts)
+        if duration is None:
             return
         self._seen[key] = None
         if len(self._seen) > self._seen_max:
             self._seen.popitem(last=False)
         self._durations.append(duration)
-
-    @property
-    def samples(self) -> int:
-        return len(self._durations)
+        self._median = None
 
     def typical_ms(self) -> int:
         if len(self._durations) < self._min_samples:
             return self._default_ms
-        return int(statistics.median(self._durations))
+        if self._median is None:
+            self._median = int(statistics.median(self._durations))
+        return self._median

@@ -19,7 +19,6 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -92,19 +91,16 @@ class JwksCache:
         *,
         min_refetch_s: float,
         timeout_s: float,
-        clock: Callable[[], float] = time.monotonic,
     ):
         self._url = url
         self._http = http
         self._min_refetch_s = min_refetch_s
         self._timeout_s = timeout_s
-        self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fresh_until = 0.0
         self._last_attempt: float | None = None
         self._last_ok = False
         self._inflight: asyncio.Task[None] | None = None
-        self.fetches = 0
 
     async def start(self) -> None:
         # An unreachable issuer at start is not fatal: requests get 503 until it answers.
@@ -115,7 +111,7 @@ class JwksCache:
             self._inflight.cancel()
 
     async def get(self, kid: str) -> jwt.PyJWK:
-        if self._clock() >= self._fresh_until:
+        if time.monotonic() >= self._fresh_until:
             await self._refresh()
         key = self._keys.get(kid)
         if key is None:
@@ -131,7 +127,7 @@ class JwksCache:
 
     async def _refresh(self) -> None:
         if self._inflight is None:
-            now = self._clock()
+            now = time.monotonic()
             if self._last_attempt is not None and now - self._last_attempt < self._min_refetch_s:
                 return
             self._last_attempt = now
@@ -140,7 +136,6 @@ class JwksCache:
         await asyncio.shield(self._inflight)
 
     async def _fetch(self) -> None:
-        self.fetches += 1
         try:
             async with asyncio.timeout(self._timeout_s):
                 response = await self._http.get(
@@ -160,7 +155,7 @@ class JwksCache:
         finally:
             self._inflight = None
         self._last_ok = True
-        self._fresh_until = self._clock() + fresh_for(response.headers, self._min_refetch_s)
+        self._fresh_until = time.monotonic() + fresh_for(response.headers, self._min_refetch_s)
         if set(keys) != set(self._keys):
             log.info("JWKS loaded: key ids %s", sorted(keys))
         self._keys = keys
@@ -168,7 +163,7 @@ class JwksCache:
     def _retry_after(self) -> int:
         if self._last_attempt is None:
             return 1
-        wait = self._min_refetch_s - (self._clock() - self._last_attempt)
+        wait = self._min_refetch_s - (time.monotonic() - self._last_attempt)
         return max(1, math.ceil(wait))
 
 

@@ -1,7 +1,7 @@
 """The HTTP surface: two conversation endpoints and the operational ones.
 
 Every refusal is an `ApiError` mapped to the flat `{"error", "conversationId"}`
-body in `_refusal`, the one place statuses are chosen.
+body in `_refusal`, the one place statuses are chosen; `observability` logs and counts it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from session_sidecar import docs_page, watch
+from session_sidecar import docs_page, observability, watch
 from session_sidecar.auth import Identity
-from session_sidecar.errors import ApiError, BadRequest, NotFound, Unauthorized, Unavailable
+from session_sidecar.errors import ApiError, BadRequest, NotFound
 from session_sidecar.models import ENCODER, ActiveSession, ErrorBody, TaskStatus
 from session_sidecar.sessions import Lookup
 
@@ -32,14 +32,6 @@ def json_response(body: msgspec.Struct | dict[str, Any], status: int = 200, **he
     return Response(
         ENCODER.encode(body), status, headers={**NO_STORE, **headers}, media_type="application/json"
     )
-
-
-async def active_session(request: Request) -> Response:
-    return await _answer(request, "active-session", "No active session found", _active_session_body)
-
-
-async def task_status(request: Request) -> Response:
-    return await _answer(request, "task-status", "No background task found", _task_status_body)
 
 
 def _active_session_body(conversation_id: str, found: Lookup) -> msgspec.Struct:
@@ -61,6 +53,29 @@ def _task_status_body(conversation_id: str, found: Lookup) -> msgspec.Struct:
         estimated_completion=found.estimated_completion,
         conversation_id=conversation_id,
     )
+
+
+class Answer:
+    """`active-session` or `task-status`, as a plain ASGI app. As a function it would be
+    wrapped by Starlette in a second exception layer, with a Request and a send wrapper of its
+    own, on every request: of no use to an endpoint that answers its own refusals (anything
+    else still reaches `server_error` through the app's outer layer)."""
+
+    def __init__(
+        self, endpoint: watch.Endpoint, not_found: str, render: Callable[[str, Lookup], msgspec.Struct]
+    ):
+        self._endpoint = endpoint
+        self._not_found = not_found
+        self._render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response = await _answer(request, self._endpoint, self._not_found, self._render)
+        await response(scope, receive, send)
+
+
+active_session = Answer("active-session", "No active session found", _active_session_body)
+task_status = Answer("task-status", "No background task found", _task_status_body)
 
 
 async def _answer(
@@ -90,7 +105,7 @@ async def identify(request: Request, conversation_id: str) -> Identity:
     """What every conversation endpoint checks first: the caller (401), then the id (400)."""
     sidecar = request.app.state.sidecar
     identity: Identity = await sidecar.authenticator.authenticate(request.headers.get("authorization"))
-    request.state.user_id = identity.user_id
+    observability.identified(request.scope, identity.user_id)
     if not _valid_id(sidecar.id_pattern, conversation_id):
         raise BadRequest("Malformed conversation id")
     return identity
@@ -102,16 +117,7 @@ def _valid_id(pattern: re.Pattern[str], conversation_id: str) -> bool:
 
 
 def _refusal(request: Request, refusal: ApiError, conversation_id: str | None) -> Response:
-    metrics = request.app.state.sidecar.metrics
-    reason = getattr(refusal, "reason", None)
-    request.state.reason = reason or refusal.message
-    if isinstance(refusal, Unauthorized):
-        metrics.auth_failures.labels(refusal.reason).inc()
-    elif isinstance(refusal, Unavailable):
-        if refusal.reason.startswith("redis"):
-            metrics.redis_errors.labels(refusal.reason.removeprefix("redis_")).inc()
-        else:
-            metrics.upstream_errors.labels(refusal.reason).inc()
+    observability.refused(request.scope, refusal)
     body = ErrorBody(error=refusal.message, conversation_id=conversation_id)
     return json_response(body, refusal.status_code, **refusal.headers)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -19,9 +19,8 @@ V = TypeVar("V")
 class TTLCache(Generic[K, V]):
     """Least-recently-used eviction once `maxsize` is reached; `maxsize=0` caches nothing."""
 
-    def __init__(self, maxsize: int, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, maxsize: int):
         self.maxsize = maxsize
-        self._clock = clock
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
     def get(self, key: K) -> V | None:
@@ -29,7 +28,7 @@ class TTLCache(Generic[K, V]):
         if entry is None:
             return None
         deadline, value = entry
-        if self._clock() >= deadline:
+        if time.monotonic() >= deadline:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
@@ -38,16 +37,7 @@ class TTLCache(Generic[K, V]):
     def set(self, key: K, value: V, ttl_s: float) -> None:
         if self.maxsize <= 0 or ttl_s <= 0:
             return
-        self._entries[key] = (self._clock() + ttl_s, value)
+        self._entries[key] = (time.monotonic() + ttl_s, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
-
-    def keys(self) -> list[K]:
-        return list(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -207,7 +208,7 @@ async def test_a_caller_giving_up_does_not_cancel_the_shared_call(
 
 
 async def test_development_identity_forwards_no_header(backend: FakeBackend, policy: BackendPolicy) -> None:
-    await policy.visible_runs(Identity(user_id="dev-user", development=True), "ok")
+    await policy.visible_runs(Identity(user_id="dev-user"), "ok")  # development mode's, no token
     assert backend.calls[0].authorization is None
 
 
@@ -258,6 +259,54 @@ async def test_backend_policy_over_http(
         status, _, _ = await get("shared", {"Authorization": "Bearer garbage"})
         assert status == 401
         assert len(backend.calls) == 5
+
+
+MALFORMED_IDS = ["bad:id", "a%20b", "x" * 129, "caf%C3%A9", "semi;colon", "%00"]
+
+
+async def test_a_malformed_conversation_id_never_reaches_the_backend(
+    backend: FakeBackend, backend_settings: Callable[..., Settings]
+) -> None:
+    settings = backend_settings()
+    alice = {"Authorization": f"Bearer {token('alice')}"}
+    async for api in open_api(settings):
+        for conversation in MALFORMED_IDS:
+            base = f"{settings.api_prefix}/conversations/{conversation}"
+            for method, path in (
+                ("GET", f"{base}/active-session"),
+                ("GET", f"{base}/task-status"),
+                ("GET", f"{base}/events"),
+                ("POST", f"{base}/resume/conversation:alice:m1"),
+            ):
+                response = await api.client.request(method, path, headers=alice)
+                assert response.status_code == 400, (conversation, path, response.text)
+                assert response.json()["error"] == "Malformed conversation id"
+    assert backend.calls == []
+
+
+async def test_a_failing_backend_is_logged_by_the_policy_and_counted_by_upstream(
+    backend: FakeBackend,
+    backend_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend.statuses["broken"] = 500
+    settings = backend_settings()
+    async for api in open_api(settings):
+        with caplog.at_level(logging.INFO):
+            status, _, _ = await _get(
+                api.client, settings, "broken", {"Authorization": f"Bearer {token('a')}"}
+            )
+        assert status == 503
+        metrics = (await api.client.get("/metrics")).text
+    assert 'sidecar_upstream_errors_total{upstream="backend"} 1.0' in metrics
+    records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name != "httpx"]
+    # The access log's logger holds one line per request, and nothing else.
+    assert records == [
+        ("session_sidecar.policy", logging.WARNING, "backend access check: unexpected HTTP 500"),
+        ("session_sidecar.access", logging.INFO, "request"),
+    ]
+    (access,) = [r for r in caplog.records if r.name == "session_sidecar.access"]
+    assert access.__dict__["reason"] == "backend"
 
 
 async def test_run_owner_policy_reveals_only_own_runs(

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
-from session_sidecar.store import MAX_CONNECTIONS
+from session_sidecar.store.client import MAX_CONNECTIONS
 from tests.conftest import Api, open_api
 
 CONV = "019953dd-6de7-7f7a-bf64-96c54db89201"

@@ -9,6 +9,7 @@ forged token would reveal if it were accepted.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from session_sidecar.auth import Authenticator, Identity, load_public_key
+from session_sidecar.auth import Authenticator, Identity, load_public_key, token_hash
 from session_sidecar.errors import ConfigError, Unauthorized
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
@@ -199,12 +200,7 @@ async def test_firebase_rs256_and_es256_accepted(authenticator: Authenticator) -
     for key in (RSA, EC):
         header = bearer(mint(key, claims()))
         identity = await authenticator.authenticate(header)
-        assert identity == Identity(
-            user_id="user123",
-            token_hash=identity.token_hash,
-            authorization=header,
-            development=False,
-        )
+        assert identity == Identity(user_id="user123", token_hash=identity.token_hash, authorization=header)
         assert identity.token_hash and len(identity.token_hash) == 64
 
 
@@ -213,6 +209,53 @@ async def test_user_id_falls_back_to_sub(authenticator: Authenticator) -> None:
     assert identity.user_id == "from-sub"
     identity = await authenticator.authenticate(bearer(mint(RSA, claims(user_id="uid", sub="other"))))
     assert identity.user_id == "uid"
+
+
+# A claim that is no string names no user (docs/auth.md: the first non-empty *string*).
+NOT_STRINGS: list[object] = [123, 0, True, ["user123"], {"id": "user123"}, 1.5]
+
+
+@pytest.mark.parametrize("value", NOT_STRINGS, ids=repr)
+async def test_a_user_claim_that_is_no_string_names_no_user(
+    authenticator: Authenticator, value: object
+) -> None:
+    refused = await rejection(authenticator, bearer(mint(RSA, claims(user_id=value, sub=None))))
+    assert refused.reason == "no_user"
+    # The next claim that is a string still names the user.
+    identity = await authenticator.authenticate(bearer(mint(RSA, claims(user_id=value, sub="from-sub"))))
+    assert identity.user_id == "from-sub"
+
+
+async def test_a_user_claim_that_is_no_string_reveals_no_run_over_http(
+    firebase: Settings, sim: BackendSimulator
+) -> None:
+    # Runs that a claim taken as text ("123", "['user123']", ...) would reveal.
+    for value in NOT_STRINGS:
+        await sim.full_run(CONVERSATION, str(value), f"m{len(str(value))}", status=None)
+    await sim.full_run(CONVERSATION, "user123", status=None)
+    async for api in open_api(firebase):
+        for value in NOT_STRINGS:
+            header = bearer(mint(RSA, claims(user_id=value, sub=None)))
+            for endpoint in ("active-session", "task-status"):
+                path = f"{firebase.api_prefix}/conversations/{CONVERSATION}/{endpoint}"
+                response = await api.client.get(path, headers={"Authorization": header})
+                assert response.status_code == 401, (value, endpoint, response.text)
+                assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+# RFC 9110 11.1: the scheme is case-insensitive; browsers and libraries send `bearer` too.
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+async def test_the_bearer_scheme_is_case_insensitive(
+    firebase: Settings, sim: BackendSimulator, scheme: str
+) -> None:
+    run_id = await sim.full_run(CONVERSATION, "user123", status=None)
+    async for api in open_api(firebase):
+        header = f"{scheme} {mint(RSA, claims())}"
+        for endpoint in ("active-session", "task-status"):
+            path = f"{firebase.api_prefix}/conversations/{CONVERSATION}/{endpoint}"
+            response = await api.client.get(path, headers={"Authorization": header})
+            assert response.status_code == 200, (scheme, endpoint, response.text)
+            assert response.json()["sessionId"] == run_id
 
 
 async def test_configurable_user_claims(make_settings: MakeSettings, jwks: JwksServer) -> None:
@@ -358,7 +401,8 @@ async def test_development_mode(make_settings: MakeSettings, caplog: pytest.LogC
     caplog.set_level(logging.WARNING, logger="session_sidecar.auth")
     auth = await started(make_settings(development_mode=True, default_username="dev-user"))
     assert "DEVELOPMENT MODE" in caplog.text
-    assert await auth.authenticate(None) == Identity(user_id="dev-user", development=True)
+    # No token: nothing to forward to the backend, nothing to key its answers by.
+    assert await auth.authenticate(None) == Identity(user_id="dev-user", token_hash=None, authorization=None)
     # A token that is sent is verified normally, never replaced by the default user.
     assert (await rejection(auth, "Bearer garbage")).reason == "malformed"
     good = jwt.encode({"user_id": "real", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
@@ -416,15 +460,34 @@ async def test_cache_is_keyed_by_hash_and_bounded(firebase: Settings, decode_cal
     for token in tokens:
         await auth.authenticate(bearer(token))
     assert len(decode_calls) == 5
-    keys = auth._verified.keys()
-    assert len(keys) == 3
-    assert all(len(key) == 64 and key not in tokens for key in keys)
-    assert not any(token in repr(vars(auth)) for token in tokens)
+    # What the authenticator holds: the hashes of the last three tokens, never a token.
+    held = strings_held_by(auth)
+    assert not any(token in text for token in tokens for text in held)
+    assert [token_hash(token) in held for token in tokens] == [False, False, True, True, True]
     await auth.authenticate(bearer(tokens[4]))  # still cached
     assert len(decode_calls) == 5
     await auth.authenticate(bearer(tokens[0]))  # evicted: checked again
     assert len(decode_calls) == 6
     await auth.close()
+
+
+def strings_held_by(root: object) -> set[str]:
+    """Every string reachable from `root` through containers and the service's own objects."""
+    seen: set[int] = set()
+    found: set[str] = set()
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str):
+            found.add(obj)
+        elif isinstance(obj, dict | list | tuple | set | frozenset) or type(obj).__module__.startswith(
+            "session_sidecar"
+        ):
+            todo.extend(gc.get_referents(obj))
+    return found
 
 
 async def test_cached_entry_never_outlives_exp(make_settings: MakeSettings, jwks: JwksServer) -> None:

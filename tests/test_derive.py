@@ -177,21 +177,28 @@ def test_duration_tracker_counts_each_run_once() -> None:
     tracker = DurationTracker(60_000)
     for _ in range(10):
         tracker.observe("c", finished_facts("same", 1000))
-    assert tracker.samples == 1
+    assert tracker.typical_ms() == 60_000  # one sample, not ten: still the default
+    for i in range(4):
+        tracker.observe("c", finished_facts(f"long{i}", 100_000))
+    assert tracker.typical_ms() == 100_000  # the median of 1 s and four times 100 s
 
 
 def test_duration_tracker_keeps_last_hundred() -> None:
     tracker = DurationTracker(60_000)
     for i in range(100):
         tracker.observe("c", finished_facts(f"slow{i}", 100_000))
+    assert tracker.typical_ms() == 100_000
     for i in range(100):
         tracker.observe("c", finished_facts(f"fast{i}", 5_000))
-    assert tracker.samples == 100
-    assert tracker.typical_ms() == 5_000
+    assert tracker.typical_ms() == 5_000  # all 200 kept would make it 52.5 s
 
 
 def test_duration_tracker_ignores_trimmed_and_unfinished_runs() -> None:
     tracker = DurationTracker(60_000)
     tracker.observe("c", finished_facts("trimmed", 1000, first_type="chunk"))
     tracker.observe("c", RunFacts(run_id="open", status="running", **stream(NOW - 1000, NOW)))
-    assert tracker.samples == 0
+    for i in range(4):
+        tracker.observe("c", finished_facts(f"r{i}", 10_000))
+    assert tracker.typical_ms() == 60_000  # four samples: the two above were not counted
+    tracker.observe("c", finished_facts("r4", 10_000))
+    assert tracker.typical_ms() == 10_000

@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
-from session_sidecar.store import KeySchema, ScanFinder, glob_escape
+from session_sidecar.store.facts import ScanFinder
+from session_sidecar.store.keys import KeySchema, glob_escape
 from tests.conftest import Api, auth, open_api
 
 CONV = "conv-1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import gzip
 import hashlib
 import json
@@ -32,14 +33,16 @@ import redis.asyncio as aioredis
 from openapi_spec_validator import validate
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
 
 from session_sidecar import __version__
 from session_sidecar.embedded import free_port
+from session_sidecar.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
 from session_sidecar.models import openapi_schema
-from session_sidecar.observability import JsonFormatter
+from session_sidecar.observability import JsonFormatter, Metrics
 from session_sidecar.settings import DEFAULT_CONVERSATION_ID_PATTERN, Settings
 from session_sidecar.simulator import BackendSimulator
-from tests.conftest import Api, open_api, token
+from tests.conftest import Api, auth, open_api, token
 
 CONV = "conv-obs"
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d)")
@@ -87,6 +90,99 @@ async def test_metrics_count_requests_refusals_and_latency(api: Api, sim: Backen
     assert counts[("task-status", "other", "405")] == 1
     assert "BREW" not in text
     assert "conversations/" not in text  # label values never carry ids
+
+
+async def test_the_route_label_is_the_route_that_matched(api: Api) -> None:
+    prefix = f"{api.settings.api_prefix}/conversations/{CONV}"
+    # A path no route serves is `other`, whatever it ends with.
+    assert (await api.client.get("/elsewhere/active-session", headers=auth("alice"))).status_code == 404
+    # The streams' own routes; a preflight, answered before routing, by the route it asks for.
+    assert (await api.client.get(f"{prefix}/events")).status_code == 401
+    assert (await api.client.post(f"{prefix}/resume/conversation:alice:m")).status_code == 401
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "GET"}
+    assert (await api.client.options(f"{prefix}/task-status", headers=preflight)).status_code == 200
+    requests = {
+        (sample.labels["route"], sample.labels["status"]): sample.value
+        for sample in families((await api.client.get("/metrics")).text)["sidecar_requests"].samples
+        if sample.name == "sidecar_requests_total"
+    }
+    assert requests == {
+        ("other", "404"): 1,
+        ("events", "401"): 1,
+        ("resume", "401"): 1,
+        ("task-status", "200"): 1,
+    }
+
+
+def test_each_refusal_is_counted_by_its_reason_or_upstream() -> None:
+    metrics = Metrics()
+    refusals: list[ApiError] = [
+        Unauthorized(reason="expired"),
+        Unauthorized(reason="backend_unauthorized"),
+        Unavailable(reason="redis_timeout"),
+        Unavailable(reason="redis_error"),
+        Unavailable(reason="jwks"),
+        Unavailable(reason="backend"),
+        # The service's own refusals: in sidecar_requests_total alone.
+        BadRequest(),
+        Forbidden(),
+        NotFound(),
+    ]
+    for refusal in refusals:
+        metrics.count_refusal(refusal)
+    counted = {
+        (sample.name, *sample.labels.values()): sample.value
+        for family in metrics.registry.collect()
+        if family.name in ("sidecar_auth_failures", "sidecar_redis_errors", "sidecar_upstream_errors")
+        for sample in family.samples
+    }
+    assert counted == {
+        ("sidecar_auth_failures_total", "expired"): 1,
+        ("sidecar_auth_failures_total", "backend_unauthorized"): 1,
+        ("sidecar_redis_errors_total", "timeout"): 1,
+        ("sidecar_redis_errors_total", "error"): 1,
+        ("sidecar_upstream_errors_total", "jwks"): 1,
+        ("sidecar_upstream_errors_total", "backend"): 1,
+    }
+
+
+async def test_a_refused_request_leaves_no_garbage(api: Api) -> None:
+    """A refusal is freed with its request, not left in a reference cycle to the cyclic
+    garbage collector (whose pauses every polled 401 or 404 would then add to)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": f"{api.settings.api_prefix}/conversations/{CONV}/active-session",
+        "raw_path": b"",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],  # no token: 401
+        "client": ("127.0.0.1", 1),
+        "server": ("sidecar", 80),
+    }
+    statuses: list[int] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await api.app(dict(scope), receive, send)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            await api.app(dict(scope), receive, send)
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert set(statuses) == {401}
+    assert left < 50, left  # a cycle per request would leave over 1,000
 
 
 async def test_metrics_an_operator_expects(api: Api) -> None:
