@@ -1,6 +1,6 @@
 """Following live runs: the sidecar's resume route against the backend's, side by side.
 
-    python -m bench.resume [--clients 100,1000,5000] [--duration 20] [--record]
+    python -m bench.resume [--clients 100,1000,5000] [--sidecar-workers 1,2] [--duration 20] [--record]
     python -m bench.resume --from-json bench/out/resume.json [--record]   # no load: re-render
 
 For each number of clients N there are M = N/10 live runs, written by
@@ -12,7 +12,9 @@ on a freshly flushed Redis and as a fresh process:
     (FastAPI, a synchronous generator in Starlette's thread pool of 40, one Redis
     connection per client, `XREAD BLOCK 5000 COUNT 1`);
 (b) sidecar: `python -m session_sidecar serve`, started as `bench/run.py` starts it
-    (the run-owner policy; every other setting at its default).
+    (the run-owner policy; every other setting at its default), once per worker count
+    of `--sidecar-workers` (`SIDECAR_WORKERS`: 1, one process, is always among them, so
+    that the figure of one process stands next to that of several, never in its place).
 
 The N clients live in this process (uvloop, raw sockets, responses parsed by httptools,
 chunk contents found by one regular expression: a few microseconds per read). Each
@@ -24,7 +26,8 @@ Measured over `--duration` s after the ramp and `--warmup` s: the server's Redis
 connections (CLIENT LIST, the bench's own named connections left out; the highest
 sample), the delay from each chunk's XADD to its arrival at a client (every chunk
 written in the window, however late it arrives), the server's RSS growth per client
-and CPU per delivered chunk (/proc). After the runs end, every client is served (the
+and CPU per delivered chunk (its whole process tree: the workers and their supervisor,
+if any). After the runs end, every client is served (the
 whole run, in order, and the body ended), refused (no connection, or not a 200), or
 stalled (anything else once `--grace` s have passed). This process's own CPU and
 event-loop lag are reported too: they show whether the clients kept up. Only 127.0.0.1
@@ -48,11 +51,13 @@ import re
 import resource
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import httptools
+import psutil
 import redis
 
 from bench.common import API_PREFIX, JWT_SECRET, STREAM_PREFIX, mint_token
@@ -175,16 +180,27 @@ async def open_follower(
 # --------------------------------------------------------------------------- measurements
 
 
+def processes(pid: int) -> list[psutil.Process]:
+    """A server's processes: itself, and under `--workers` its workers."""
+    parent = psutil.Process(pid)
+    return [parent, *parent.children(recursive=True)]
+
+
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    total = 0
+    for process in processes(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total // 1024
 
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for process in processes(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def own_cpu_s() -> float:
@@ -262,9 +278,23 @@ def quantile_ms(values: array.array[int], q: float) -> float | None:
 # --------------------------------------------------------------------------- one scenario
 
 
-def start_server(name: str, redis_url: str, out: Path) -> Server:
+def workers_started(pid: int, workers: int, redis_port: int) -> bool:
+    """Every worker has started its app: each holds a connection to Redis (its index's)."""
+    started = 0
+    for process in processes(pid)[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "spawn_main" in " ".join(process.cmdline()) and any(
+                c.raddr and c.raddr.port == redis_port and c.status == psutil.CONN_ESTABLISHED
+                for c in process.net_connections("tcp")
+            ):
+                started += 1
+    return started >= workers
+
+
+def start_server(name: str, workers: int, redis_url: str, out: Path) -> Server:
     if name == "sidecar":
-        server = make_server("sidecar", redis_url, out / "unused.json", out, {})
+        env = {"SIDECAR_WORKERS": str(workers)}
+        server = make_server("sidecar", redis_url, out / "unused.json", out / f"{workers}-workers", env)
     else:
         env = {**os.environ, "BENCH_REDIS_URL": redis_url, "BENCH_JWT_SECRET": JWT_SECRET}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -276,16 +306,25 @@ def start_server(name: str, redis_url: str, out: Path) -> Server:
         server = Server(name, argv, env, port, "/healthz", out / "logs" / f"{name}-resume.log")
     server.start()
     server.wait_ready()
+    assert server.proc is not None
+    deadline = time.monotonic() + 60  # every worker, not just the first to answer
+    redis_port = int(urllib.parse.urlsplit(redis_url).port or 6379)
+    while workers > 1 and not workers_started(server.proc.pid, workers, redis_port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: fewer than {workers} workers started; see {server.log_path}")
+        time.sleep(0.2)
     return server
 
 
-async def scenario(name: str, clients: int, args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
+async def scenario(
+    name: str, workers: int, clients: int, args: argparse.Namespace, redis_url: str
+) -> dict[str, Any]:
     runs = max(1, clients // 10)
     ramp = max(MIN_RAMP_S, clients / args.ramp_rate)
     busy_before = await wait_until_quiet(args.quiet, args.quiet_wait)
     control = redis.Redis.from_url(redis_url, client_name="bench-driver")
     control.flushall()
-    server = await asyncio.to_thread(start_server, name, redis_url, Path(args.out))
+    server = await asyncio.to_thread(start_server, name, workers, redis_url, Path(args.out))
     assert server.proc is not None
     pid, token, window = server.proc.pid, mint_token(), Window()
     followers: list[Follower] = []
@@ -300,10 +339,15 @@ async def scenario(name: str, clients: int, args: argparse.Namespace, redis_url:
         async with asyncio.timeout(120):
             if (await writer.stdout.readline()).strip() != b"ready":
                 raise RuntimeError("the writer did not start its runs")
-        # Warm the server's code paths (and the sidecar's hub) before its idle RSS is taken.
-        probe = await open_follower(server.port, 0, Window(), token, asyncio.Semaphore(1))
+        # Warm the server's code paths (and the sidecar's hub) before its idle RSS is taken;
+        # a few probes at once, so that each worker is likely to get one.
+        probes = [
+            await open_follower(server.port, 0, Window(), token, asyncio.Semaphore(1))
+            for _ in range(2 * workers)
+        ]
         await asyncio.sleep(0.5)
-        probe.fail("probe done")
+        for probe in probes:
+            probe.fail("probe done")
         await asyncio.sleep(0.5)
         idle_rss_kb = rss_kb(pid)
         opening = asyncio.Semaphore(OPENING)
@@ -359,6 +403,7 @@ async def scenario(name: str, clients: int, args: argparse.Namespace, redis_url:
     seconds_measured = (window.end_us - window.start_us) / 1e6
     return {
         "server": name,
+        "workers": workers,
         "clients": clients,
         "runs": runs,
         "redis_connections": sum(peak.values()),
@@ -399,17 +444,33 @@ def _error_counts(followers: list[Follower], totals: list[int]) -> dict[str, int
     return counts
 
 
+def servers(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Each server to run, with its number of worker processes."""
+    found: list[tuple[str, int]] = []
+    for name in args.servers:
+        found += [(name, n) for n in args.sidecar_workers] if name == "sidecar" else [(name, 1)]
+    return found
+
+
+def worker_counts(text: str) -> list[int]:
+    counts = [int(x) for x in text.split(",")]
+    if 1 not in counts or min(counts) < 1:
+        # Several workers use several cores: shown beside one process, never instead of it.
+        raise argparse.ArgumentTypeError("worker counts >= 1, and 1 among them")
+    return counts
+
+
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     redis_server = RedisServer()
     redis_url = redis_server.start()
     results: list[dict[str, Any]] = []
     try:
         for clients in args.clients:
-            for name in args.servers:
+            for name, workers in servers(args):
                 ramp = max(MIN_RAMP_S, clients / args.ramp_rate)
                 budget = args.quiet_wait + ramp + args.warmup + args.duration + args.grace + 300
                 async with asyncio.timeout(budget):  # the run stops by itself, whatever happens
-                    result = await scenario(name, clients, args, redis_url)
+                    result = await scenario(name, workers, clients, args, redis_url)
                 log(json.dumps(result))
                 results.append(result)
     finally:
@@ -421,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.resume", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000, 5000])
     parser.add_argument("--servers", type=lambda s: s.split(","), default=list(SERVERS))
+    parser.add_argument(
+        "--sidecar-workers", type=worker_counts, default=[1, 2], help="SIDECAR_WORKERS to run, e.g. 1,2"
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per scenario")
     parser.add_argument("--ramp-rate", type=float, default=250.0, help="clients connecting per second")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds after the ramp, unmeasured")

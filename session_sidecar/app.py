@@ -23,7 +23,9 @@ from session_sidecar.models import openapi_schema
 from session_sidecar.observability import Metrics, ObservabilityMiddleware
 from session_sidecar.sessions import SessionService
 from session_sidecar.settings import Settings, redact_url
-from session_sidecar.store import KeySchema, RedisClient, RunFinder, ScanFinder, create_client
+from session_sidecar.store.client import RedisClient, create_client
+from session_sidecar.store.facts import RunFinder, ScanFinder
+from session_sidecar.store.keys import KeySchema
 from session_sidecar.streams import endpoints as streams
 from session_sidecar.streams.hub import StreamHub
 from session_sidecar.watch import WatchHub
@@ -113,21 +115,23 @@ def create_app(settings: Settings, *, client: RedisClient | None = None) -> Star
             await sidecar.close()
 
     base = f"{settings.api_prefix}/conversations/{{conversation_id}}"
+    # Each route's name is its `route` in the metrics and the access log.
+    served = [
+        Route(f"{base}/active-session", routes.active_session, methods=["GET"], name="active-session"),
+        Route(f"{base}/task-status", routes.task_status, methods=["GET"], name="task-status"),
+        Route(f"{base}/resume/{{session_id:path}}", streams.resume, methods=["POST"], name="resume"),
+        Route(f"{base}/events", streams.events, methods=["GET"], name="events"),
+        Route("/healthz", routes.healthz, methods=["GET"], name="healthz"),
+        Route("/readyz", routes.readyz, methods=["GET"], name="readyz"),
+        Route("/metrics", routes.MetricsApp(sidecar.metrics.registry), methods=["GET"], name="metrics"),
+        Route("/openapi.json", routes.openapi, methods=["GET"], name="openapi.json"),
+        Route("/docs", routes.docs, methods=["GET"], name="docs"),
+    ]
     app = Starlette(
-        routes=[
-            Route(f"{base}/active-session", routes.active_session, methods=["GET"]),
-            Route(f"{base}/task-status", routes.task_status, methods=["GET"]),
-            Route(f"{base}/resume/{{session_id:path}}", streams.resume, methods=["POST"]),
-            Route(f"{base}/events", streams.events, methods=["GET"]),
-            Route("/healthz", routes.healthz, methods=["GET"]),
-            Route("/readyz", routes.readyz, methods=["GET"]),
-            Route("/metrics", routes.MetricsApp(sidecar.metrics.registry), methods=["GET"]),
-            Route("/openapi.json", routes.openapi, methods=["GET"]),
-            Route("/docs", routes.docs, methods=["GET"]),
-        ],
+        routes=served,
         middleware=[
             # Outermost, so preflights get a request id and an access log line too.
-            Middleware(ObservabilityMiddleware, metrics=sidecar.metrics),
+            Middleware(ObservabilityMiddleware, metrics=sidecar.metrics, routes=served),
             # Preflights are answered here, before any route: no token, no auth failure counted.
             Middleware(
                 FlatCORSMiddleware,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
 import sys
 import time
-import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from prometheus_client import (
@@ -22,15 +23,45 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.metrics import MetricWrapperBase
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from session_sidecar import __version__
+from session_sidecar.errors import ApiError, Outage, Unauthorized, Unavailable
 
 SERVICE = "session-sidecar"
 access_log = logging.getLogger("session_sidecar.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Label values must stay bounded: any other method a client sends is counted as `other`.
 _METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
+# Polled by probes and scrapers: counted, but no access line.
+_UNLOGGED_ROUTES = frozenset({"healthz", "readyz", "metrics"})
+# `sidecar_redis_errors_total{kind}`
+_REDIS_KIND: dict[Outage, str] = {"redis_timeout": "timeout", "redis_error": "error"}
+# A scope key: the `send` this middleware was given. A streamed response (streams/response.py)
+# sends its body messages there, past every wrapper inside this middleware (its own, CORS's,
+# Starlette's exception handling): they act on the start message only, and pass body
+# messages on unchanged. A middleware that changes bodies belongs outside this one.
+BODY_SEND = "sidecar.body_send"
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class _Children(Generic[M]):
+    """A metric's children by label values, each looked up once: `labels()` checks and locks
+    on every call, which the request path would pay a few times per request. The label
+    values are bounded (routes, statuses, methods, reasons), so this stays small."""
+
+    def __init__(self, metric: M):
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -92,34 +123,69 @@ class Metrics:
             registry=self.registry,
         )
         self.scan_lookup.set(math.nan)
+        self._requests = _Children(self.requests)
+        self._latency = _Children(self.latency)
+        self._auth_failures = _Children(self.auth_failures)
+        self._redis_errors = _Children(self.redis_errors)
+        self._upstream_errors = _Children(self.upstream_errors)
+
+    def observe(self, route: str, method: str, status: str, elapsed_s: float) -> None:
+        self._requests(route, status).inc()
+        self._latency(route, method, status).observe(elapsed_s)
+
+    def count_refusal(self, refusal: ApiError) -> None:
+        """The one place a refusal becomes a metric: refused credentials by reason, a failed
+        dependency by upstream (Redis by kind). The service's own refusals (400, 403, 404)
+        are in `sidecar_requests_total` alone."""
+        if isinstance(refusal, Unauthorized):
+            self._auth_failures(refusal.reason).inc()
+        elif isinstance(refusal, Unavailable):
+            if refusal.upstream == "redis":
+                self._redis_errors(_REDIS_KIND[refusal.reason]).inc()
+            else:
+                self._upstream_errors(refusal.upstream).inc()
 
 
-def route_label(path: str) -> str:
-    # Bounded label values: never the raw path, which holds conversation ids.
-    if path.endswith("/active-session"):
-        return "active-session"
-    if path.endswith("/task-status"):
-        return "task-status"
-    if path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
-        return path[1:]
-    return "other"
+def identified(scope: Scope, user_id: str) -> None:
+    """The request's caller, for its access line."""
+    scope["state"]["user_id"] = user_id
+
+
+def refused(scope: Scope, refusal: ApiError) -> None:
+    """The request was refused: its access line carries the reason, and the metrics count it."""
+    # Without its traceback, whose frames hold the request and so this scope: kept, it would
+    # make every refused request a reference cycle, left to the garbage collector.
+    scope["state"]["refusal"] = refusal.with_traceback(None)
+
+
+def route_label(scope: Scope, routes: Sequence[Route]) -> str:
+    """The name of the route that served the request, or whose path it asked for (a preflight,
+    answered before routing, or a method the route does not serve); `other` for no route.
+    Bounded label values: never the raw path, which holds conversation ids."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    return route.name if isinstance(route, Route) else "other"
 
 
 class ObservabilityMiddleware:
     """Request id in and out, latency and status to metrics, one JSON log line per request."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[Route]):
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        # An id for log lines, not a secret: no system call for each request (as uuid4 makes).
+        request_id = _incoming_request_id(scope) or f"{random.getrandbits(128):032x}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        scope[BODY_SEND] = send
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -135,11 +201,14 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            route = route_label(scope["path"])
-            self.metrics.requests.labels(route, str(status)).inc()
+            route = route_label(scope, self.routes)
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.metrics.latency.labels(route, method, str(status)).observe(elapsed)
-            if route not in ("healthz", "readyz", "metrics"):
+            self.metrics.observe(route, method, str(status), elapsed)
+            refusal: ApiError | None = state.get("refusal")
+            if refusal is not None:
+                self.metrics.count_refusal(refusal)
+            # The check first: below INFO the line's fields are not even gathered.
+            if route not in _UNLOGGED_ROUTES and access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "request",
                     extra={
@@ -149,7 +218,7 @@ class ObservabilityMiddleware:
                         "status": status,
                         "latency_ms": round(elapsed * 1000, 2),
                         "user_id": state.get("user_id"),
-                        "reason": state.get("reason"),
+                        "reason": None if refusal is None else refusal.reason,
                     },
                 )
 

@@ -20,10 +20,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from session_sidecar.embedded import EmbeddedRedis, find_server_binary, free_port
 from session_sidecar.settings import Settings
-from session_sidecar.store import create_client
+from session_sidecar.store.client import create_client
 from session_sidecar.streams import hub as hub_module
 from session_sidecar.streams import readers
-from session_sidecar.streams.follow import follow
+from session_sidecar.streams.follow import Follower, is_end, through_end
 from session_sidecar.streams.hub import StreamHub
 from session_sidecar.streams.listener import Closed, Listener, Reason
 from session_sidecar.streams.wire import ZERO, Entry, decode_page, parse_id
@@ -250,15 +250,21 @@ async def test_follow_hands_over_when_the_hub_is_ahead(hub: StreamHub, redis_cli
     await take(ahead, 6)
     position = parse_id(ids[2])
     assert position is not None
-    batches = follow(hub, "s1", position, [], timeout_s=1, idle=lambda: 10)
-    got = await anext(batches)
-    assert contents(got) == ["e3", "e4", "e5"]
-    await add(redis_client, "s1", 1, "n")
-    assert contents(await anext(batches)) == ["n0"]
-    await redis_client.xadd("s1", {"type": "end", "status": "completed"})
-    assert [e.type for e in await anext(batches)] == ["end"]
-    with pytest.raises(StopAsyncIteration):
-        await anext(batches)
+    follower = Follower(hub, "s1", position, [], timeout_s=1)
+    try:
+        assert [contents(page) async for page in follower.catch_up()] == [["e3", "e4", "e5"]]
+        await add(redis_client, "s1", 1, "n")
+        assert contents(await follower.listener.next(10)) == ["n0"]
+        await add(redis_client, "s1", 1, "m")  # then an `end`, and an entry after it, never handed out
+        await redis_client.xadd("s1", {"type": "end", "status": "completed"})
+        await add(redis_client, "s1", 1, "after-the-end")
+        got: list[Entry] = []
+        while not is_end(got):
+            got += through_end(await follower.listener.next(10))
+        assert [e.type for e in got] == ["chunk", "end"]
+    finally:
+        follower.close()
+    assert hub.followed == 1  # `ahead` still listens; the follower left
 
 
 async def test_redis_down_closes_listeners_with_an_error(make_settings: Callable[..., Settings]) -> None:

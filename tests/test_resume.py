@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -19,9 +20,10 @@ from hypothesis import strategies as st
 from session_sidecar.embedded import EmbeddedRedis
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
-from session_sidecar.store import MAX_CONNECTIONS
+from session_sidecar.store.client import MAX_CONNECTIONS
 from session_sidecar.streams import endpoints, wire
 from session_sidecar.streams.readers import HUB_CLIENT_NAME
+from tests.conftest import auth
 from tests.streaming import Served, http_client, open_resume, resume_body, serve
 from tests.test_index import wait_for
 
@@ -236,6 +238,42 @@ async def test_refusals_are_flat_json(served: Served, http: httpx.AsyncClient, s
         assert response.status_code == 404
 
 
+async def test_the_body_skips_the_middleware_wrappers_but_not_their_work(
+    make_settings: Callable[..., Settings],
+    http: httpx.AsyncClient,
+    sim: BackendSimulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Body messages go past the middleware wrappers (observability.BODY_SEND); the start
+    message does not, so the CORS headers, the request id and the access line are those of
+    any response."""
+    origin = "http://page.example"
+    run = await sim.full_run(CONV, "alice", "m1", chunks=2, status="completed")
+    with (
+        caplog.at_level(logging.INFO, logger="session_sidecar.access"),
+        serve(make_settings(cors_allowed_origins=origin)) as served,
+    ):
+        url = served.path(CONV, f"resume/{run}")
+        headers = {**auth("alice"), "Origin": origin, "X-Request-ID": "streamed-1"}
+        async with http.stream("POST", url, headers=headers) as response:
+            body = await response.aread()
+        assert parse_body(body) == [EMPTY, chunk("token 0 "), chunk("token 1 ")]
+        assert response.headers["access-control-allow-origin"] == origin
+        assert "Origin" in response.headers["vary"]
+        assert response.headers["x-request-id"] == "streamed-1"
+
+        def logged() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if getattr(r, "request_id", None) == "streamed-1"]
+
+        await wait_for(lambda: bool(logged()))  # written once the response has ended
+    [line] = logged()
+    assert (line.__dict__["method"], line.__dict__["status"], line.__dict__["user_id"]) == (
+        "POST",
+        200,
+        "alice",
+    )
+
+
 async def test_redis_down_is_503_before_and_ends_the_body_after_the_headers(
     make_settings: Callable[..., Settings], http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -383,6 +421,30 @@ def test_resume_bytes_are_json_dumps_for_any_text(
         fields["thinking"] = thinking
     expected = {"message": content, "citations": citations, "tool_calls": tool_calls, "thinking": thinking}
     assert wire.resume_bytes(fields) == json.dumps(expected).encode()
+
+
+@given(content=st.text(), thinking=st.none() | st.text(), listed=st.booleans())
+def test_resume_bytes_of_a_plain_chunk_are_json_dumps(
+    content: str, thinking: str | None, listed: bool
+) -> None:
+    """The usual chunk, no citation and no tool call (`[]`, or no field at all), which
+    `resume_bytes` puts together itself rather than through `json.dumps`."""
+    fields = {"type": "chunk", "content": content}
+    if listed:
+        fields |= {"citations_json": "[]", "tool_calls_json": "[]"}
+    if thinking is not None:
+        fields["thinking"] = thinking
+    expected: dict[str, Any] = {"message": content, "citations": [], "tool_calls": [], "thinking": thinking}
+    assert wire.resume_bytes(fields) == json.dumps(expected).encode()
+
+
+def test_bytes_that_are_not_utf8_become_replacement_characters() -> None:
+    """Never a crash (SPEC 4), whichever fields an entry's wire form decodes."""
+    plain = wire.decode_entry(b"1-0", {b"type": b"chunk", b"content": b"ok \xff"})
+    assert plain.resume_bytes == json.dumps(chunk("ok \ufffd")).encode()
+    cited = wire.decode_entry(b"2-0", [b"type", b"chunk", b"content", b"\xfe", b"citations_json", b'["a"]'])
+    assert cited.resume_bytes == json.dumps(chunk("\ufffd", ["a"])).encode()
+    assert cited.fields["content"] == "\ufffd" and cited.sid == (2, 0) and cited.type == "chunk"
 
 
 def test_stream_ids_parse_as_redis_reads_them() -> None:

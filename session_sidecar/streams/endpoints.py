@@ -6,23 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
-from collections.abc import AsyncGenerator
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from redis.exceptions import ResponseError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
 from session_sidecar.errors import ApiError, BadRequest, NotFound
 from session_sidecar.problems import warn_once
 from session_sidecar.routes import NO_STORE, _refusal, identify
 from session_sidecar.settings import Settings
-from session_sidecar.store import execute, within_budget
-from session_sidecar.streams.follow import PAGE, follow
+from session_sidecar.store.client import execute, redis_timeout_s, within_budget
+from session_sidecar.streams.follow import PAGE, Follower, is_end, through_end
 from session_sidecar.streams.hub import StreamHub
 from session_sidecar.streams.listener import Closed, Reason
+from session_sidecar.streams.response import STREAM_HEADERS, Streamed, more
 from session_sidecar.streams.wire import (
     KEEPALIVE,
     RESUME_KEEPALIVE,
@@ -39,7 +41,6 @@ from session_sidecar.streams.wire import (
     successor,
 )
 
-STREAM_HEADERS = {**NO_STORE, "X-Accel-Buffering": "no"}
 SESSION_NOT_FOUND = "Session not found"
 # How long a resume body outlives a Redis failure: a restart or a failover takes seconds
 # (Sentinel's default down-after is 30 s), so a body survives those, and ends only when
@@ -49,63 +50,13 @@ RETRY_PAUSE_S = 0.1
 RETRY_PAUSE_MAX_S = 2.0
 
 
-class Streamed(Response):
-    """A streamed answer that gives its place back however it ends, and ends its body
-    properly at shutdown.
-
-    Leaner than Starlette's `StreamingResponse`, whose anyio task group costs memory per
-    client: the body is written from the request's own task, and one small task waits
-    for the client to leave (uvicorn's `send` then returns silently instead of failing,
-    so without it an idle stream would outlive its client until its next keepalive)."""
-
-    def __init__(self, body: AsyncGenerator[bytes, None], hub: StreamHub):
-        self.status_code = 200
-        self.media_type = "text/event-stream"
-        self.background = None
-        self.init_headers(STREAM_HEADERS)  # no `body` attribute: no Content-Length
-        self._body = body
-        self._hub = hub
-        self._left = False  # the client disconnected
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.create_task(self._watch(receive, task))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async with contextlib.aclosing(self._body):
-                async for chunk in self._body:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            watcher.cancel()  # before the end: uvicorn answers `receive` with a disconnect then
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if self._left:
-                task.uncancel()  # our own cancellation, done with: nothing to send to anyone
-                return
-            # uvicorn cancels the requests still running SIDECAR_SHUTDOWN_TIMEOUT_S after a
-            # stop began, then cuts their connections mid-body. The body is ended properly
-            # instead (8.1: the response ends at shutdown). Not re-raised: nothing awaits
-            # this request any more, and uvicorn would log a traceback per open stream.
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            watcher.cancel()
-            self._hub.release()
-
-    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass  # the request's own body, unread
-        self._left = True
-        task.cancel()
-
-
 async def resume(request: Request) -> Response:
     """POST .../resume/{session_id}?cursor=: every entry from `cursor` on, then live ones."""
     sidecar = request.app.state.sidecar
     hub: StreamHub = sidecar.hub
     conversation_id: str = request.path_params["conversation_id"]
     run_id: str = request.path_params["session_id"]
-    timeout_s = sidecar.settings.redis_timeout_ms / 1000
+    timeout_s = redis_timeout_s(sidecar.settings)
     try:
         identity = await identify(request, conversation_id)
         cursor = parse_id(request.query_params.get("cursor", "0-0"))
@@ -126,18 +77,27 @@ async def resume(request: Request) -> Response:
     except ApiError as refusal:
         return _refusal(request, refusal, conversation_id)
     keepalive_s = sidecar.settings.resume_keepalive_s
-    body = _resume_body(hub, key, after, first_page, timeout_s, keepalive_s or None)
+    body = functools.partial(
+        _resume_body,
+        hub=hub,
+        key=key,
+        after=after,
+        first_page=first_page,
+        timeout_s=timeout_s,
+        keepalive_s=keepalive_s or None,
+    )
     return Streamed(body, hub)
 
 
 async def _resume_body(
+    send: Send,
     hub: StreamHub,
     key: str,
     after: StreamId,
     first_page: list[Entry],
     timeout_s: float,
     keepalive_s: float | None,
-) -> AsyncGenerator[bytes, None]:
+) -> None:
     """The body; on a Redis failure it stays open (keepalives meanwhile) and follows again
     from the last entry sent, for up to RESUME_RETRY_S: the frontend takes the end of the
     body for a finished answer, so only a Redis that stays down ends it (8.1)."""
@@ -146,25 +106,28 @@ async def _resume_body(
     failing_since: float | None = None
     pause_s = RETRY_PAUSE_S
     while True:
-        entries = follow(hub, key, after, first_page, timeout_s=timeout_s, idle=lambda: keepalive_s)
+        follower = Follower(hub, key, after, first_page, timeout_s=timeout_s, check=failing_since is not None)
         first_page = []
         try:
-            async with contextlib.aclosing(entries):
-                async for batch in entries:
-                    failing_since, pause_s = None, RETRY_PAUSE_S  # Redis answers again
-                    if not batch:
-                        yield RESUME_KEEPALIVE
-                        written = loop.time()
-                        continue
-                    after = batch[-1].sid
-                    chunk = b"".join(entry.resume_bytes for entry in batch)
-                    if chunk:
-                        yield chunk
-                        written = loop.time()
-            return  # the run's `end`
+            if await _send_pages(follower, send, _resume_chunk):
+                written = loop.time()
+            failing_since, pause_s = None, RETRY_PAUSE_S  # Redis answers again
+            if follower.ended:
+                return  # the run's `end`
+            listener = follower.listener
+            while True:  # the hot path: one wait, one send per batch
+                batch = through_end(await listener.next(keepalive_s))
+                if chunk := _resume_chunk(batch) if batch else RESUME_KEEPALIVE:
+                    await send(more(chunk))
+                    written = loop.time()
+                if is_end(batch):
+                    return
         except Closed as closed:
             if closed.reason is not Reason.ERROR:
                 return  # the key went, the client fell behind, shutdown: the body ends
+        finally:
+            after = follower.after
+            follower.close()
         if failing_since is None:
             failing_since = loop.time()
         if loop.time() - failing_since >= RESUME_RETRY_S:
@@ -174,10 +137,30 @@ async def _resume_body(
         while (left := resume_at - loop.time()) > 0:
             due = math.inf if keepalive_s is None else written + keepalive_s - loop.time()
             if due <= 0:
-                yield RESUME_KEEPALIVE
+                await send(more(RESUME_KEEPALIVE))
                 written = loop.time()
             else:
                 await asyncio.sleep(min(left, due))
+
+
+async def _send_pages(follower: Follower, send: Send, encode: Callable[[list[Entry]], bytes]) -> bool:
+    """The replay and the tail (`Follower.catch_up`), sent; whether anything was. A function
+    of its own so that no page outlives its sending: the last one would otherwise stay
+    referenced from the body for the life of the stream, up to PAGE entries per client."""
+    wrote = False
+    async with contextlib.aclosing(follower.catch_up()) as pages:
+        async for page in pages:
+            if chunk := encode(page):
+                await send(more(chunk))
+                wrote = True
+    return wrote
+
+
+def _resume_chunk(batch: list[Entry]) -> bytes:
+    """One piece of the body per batch, so one write: most often a single entry's bytes."""
+    if len(batch) == 1:
+        return batch[0].resume_bytes
+    return b"".join(entry.resume_bytes for entry in batch)
 
 
 async def events(request: Request) -> Response:
@@ -187,7 +170,7 @@ async def events(request: Request) -> Response:
     settings = sidecar.settings
     schema = sidecar.sessions.schema
     conversation_id: str = request.path_params["conversation_id"]
-    timeout_s = settings.redis_timeout_ms / 1000
+    timeout_s = redis_timeout_s(settings)
     try:
         identity = await identify(request, conversation_id)
         position = _position(request)
@@ -212,7 +195,15 @@ async def events(request: Request) -> Response:
     except ApiError as refusal:
         return _refusal(request, refusal, conversation_id)
     alive_key = status_key if start.waiting else None
-    body = _events_body(hub, key, start, alive_key, settings, timeout_s)
+    body = functools.partial(
+        _events_body,
+        hub=hub,
+        key=key,
+        start=start,
+        alive_key=alive_key,
+        settings=settings,
+        timeout_s=timeout_s,
+    )
     return Streamed(body, hub)
 
 
@@ -286,39 +277,48 @@ async def _read_events_start(
 
 
 async def _events_body(
+    send: Send,
     hub: StreamHub,
     key: str,
     start: EventsStart,
     alive_key: str | None,
     settings: Settings,
     timeout_s: float,
-) -> AsyncGenerator[bytes, None]:
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.sse_max_s
     keepalive_s: float = settings.sse_keepalive_s
-
-    def idle() -> float:
-        left: float = max(deadline - loop.time(), 0.0)
-        return min(keepalive_s, left) if keepalive_s > 0 else left
-
     gap = start.gap
-    yield RETRY if gap is None else RETRY + sse_event("gap", {"firstAvailable": gap})
-    entries = follow(
-        hub, key, start.after, start.first_page, timeout_s=timeout_s, idle=idle, alive_key=alive_key
-    )
-    del start  # its first page is `follow`'s now, not to be kept for the life of the stream
+    await send(more(RETRY if gap is None else RETRY + sse_event("gap", {"firstAvailable": gap})))
+    follower = Follower(hub, key, start.after, start.first_page, timeout_s=timeout_s, alive_key=alive_key)
+    del start  # its first page is the follower's now, not to be kept for the life of the stream
     try:
-        async with contextlib.aclosing(entries):
-            async for batch in entries:
-                if batch:
-                    yield b"".join(entry.sse_bytes for entry in batch)
-                elif loop.time() < deadline:
-                    yield KEEPALIVE
-                if loop.time() >= deadline:
-                    return  # no `end`: the client reconnects with Last-Event-ID
+        await _send_pages(follower, send, _events_chunk)
+        if follower.ended:
+            return
+        listener = follower.listener
+        while True:  # the hot path: one wait, one send per batch
+            left = deadline - loop.time()
+            batch = through_end(await listener.next(min(keepalive_s, left) if keepalive_s > 0 else left))
+            if batch:
+                await send(more(_events_chunk(batch)))
+            elif loop.time() < deadline:
+                await send(more(KEEPALIVE))
+            if is_end(batch):
+                return
+            if loop.time() >= deadline:
+                return  # no `end`: the client reconnects with Last-Event-ID
     except Closed as closed:
         if closed.reason is Reason.GONE:
-            yield sse_event("end", {"status": "expired"})
+            await send(more(sse_event("end", {"status": "expired"})))
         elif closed.reason is Reason.ERROR:
-            yield sse_event("error", {"error": "Session store unavailable"})
+            await send(more(sse_event("error", {"error": "Session store unavailable"})))
         # overflow, shutdown: no `end`, so the client resumes from its last id
+    finally:
+        follower.close()
+
+
+def _events_chunk(batch: list[Entry]) -> bytes:
+    if len(batch) == 1:
+        return batch[0].sse_bytes
+    return b"".join(entry.sse_bytes for entry in batch)

@@ -5,6 +5,9 @@ A listener subscribes at the id of the last entry its client was given; the hub
 reads each stream from one cursor and hands every listener the entries after it.
 Nothing here waits on a listener: a full buffer closes that listener alone.
 
+A read that brings entries for thousands of listeners does not wake them all at
+once: the `Waker` wakes them a slice per turn of the event loop (waker.py).
+
 Key disappearance (expiry, or a stop that deletes the run) does not show in an
 `XREAD`: a missing key just never answers. A checker pipelines `EXISTS` every
 `GONE_CHECK_S` for the followed streams that were silent that long (a stream that
@@ -25,10 +28,11 @@ from redis.exceptions import RedisError
 
 from session_sidecar.errors import ApiError
 from session_sidecar.settings import Settings
-from session_sidecar.store import RedisClient, within_budget
+from session_sidecar.store.client import RedisClient, redis_timeout_s, within_budget
 from session_sidecar.streams.listener import Followed, Listener, Reason
 from session_sidecar.streams.readers import BlockingReader, ClusterPoller, Reader
-from session_sidecar.streams.wire import StreamId, decode_page
+from session_sidecar.streams.waker import Waker
+from session_sidecar.streams.wire import ZERO, StreamId, decode_page, parse_id
 
 log = logging.getLogger("session_sidecar.streams")
 
@@ -51,7 +55,7 @@ class StreamHub:
         self.buffer = buffer
         self.max_open = settings.max_streams
         self.open = 0  # streamed responses in progress, replays included
-        self._timeout_s = settings.redis_timeout_ms / 1000
+        self._timeout_s = redis_timeout_s(settings)
         self._streams: dict[str, Followed] = {}
         self._owner: dict[str, Reader] = {}
         self._readers: list[Reader]
@@ -60,6 +64,7 @@ class StreamHub:
         else:
             self._readers = [BlockingReader(self, client) for _ in range(READERS)]
         self._checker: asyncio.Task[None] | None = None
+        self._waker = Waker()
 
     # -- responses -----------------------------------------------------------
 
@@ -83,7 +88,7 @@ class StreamHub:
         """Entries of `key` after `after` from now on. Synchronous on purpose: the
         stream's cursor and the new listener are settled in one step, so no read can
         fall between them (see `follow.py` for how a replay hands over)."""
-        listener = Listener(key, after, self.buffer)
+        listener = Listener(key, after, self.buffer, self._waker.soon)
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = Followed(key, after, alive_key)
@@ -92,6 +97,12 @@ class StreamHub:
             reader.add(stream)
         stream.listeners.add(listener)
         return listener
+
+    def read_past(self, key: str, sid: StreamId) -> bool:
+        """Whether the hub has already read entries of `key` after `sid`: those went to the
+        listeners present then, and one subscribing now must read them itself."""
+        stream = self._streams.get(key)
+        return stream is not None and (parse_id(stream.cursor) or ZERO) > sid
 
     def unsubscribe(self, listener: Listener) -> None:
         listener.stop()

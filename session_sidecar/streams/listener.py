@@ -7,6 +7,7 @@ import enum
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 
 from session_sidecar.streams.wire import Entry, StreamId, format_id
 
@@ -34,9 +35,16 @@ class Listener:
     the listener is closed, and its client is the only one to notice.
     """
 
-    __slots__ = ("_batches", "_deadline", "_limit", "_size", "_timer", "_waiter", "after", "closed", "key")
+    __slots__ = (
+        "_batches", "_deadline", "_limit", "_loop", "_queued", "_size", "_timer", "_waiter", "_waker",
+        "after", "closed", "key",
+    )  # fmt: skip
 
-    def __init__(self, key: str, after: StreamId, limit: int):
+    def __init__(
+        self, key: str, after: StreamId, limit: int, waker: Callable[[Listener], None] | None = None
+    ):
+        """`waker`: what wakes the listener once a push gave it entries to read (the hub's
+        `Waker.soon`); without one, the push wakes it at once."""
         self.key = key
         self.after = after  # the last entry id its client has been given
         self.closed: Reason | None = None
@@ -47,6 +55,10 @@ class Listener:
         self._waiter: asyncio.Future[bool] | None = None
         self._deadline = math.inf  # when the current wait times out (loop time)
         self._timer: asyncio.TimerHandle | None = None
+        # Looked up once: on Python 3.11 every `get_running_loop()` is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
+        self._waker = waker
+        self._queued = False  # in the waker's queue: pushes until it is woken need not queue it again
 
     def push(self, batch: list[Entry]) -> bool:
         """Buffer a batch; False if that overflowed the buffer (the listener is then closed)."""
@@ -57,7 +69,11 @@ class Listener:
             self.close(Reason.OVERFLOW)
             return False
         self._batches.append(batch)
-        self._wake()
+        if self._waker is None:
+            self.wake()
+        elif not self._queued and self._waiter is not None and not self._waiter.done():
+            self._queued = True
+            self._waker(self)
         return True
 
     def close(self, reason: Reason) -> None:
@@ -68,23 +84,25 @@ class Listener:
             # Dropped at once: a client that fell this far behind resumes from its own last id.
             self._batches.clear()
             self._size = 0
-        self._wake()
+        self.wake()
 
     async def next(self, wait_s: float | None) -> list[Entry]:
         """The entries after `after` buffered so far, waiting up to `wait_s` for one;
-        `[]` on timeout. Raises `Closed` once the buffer is drained and the hub closed it."""
+        `[]` on timeout. Raises `Closed` once the buffer is drained and the hub closed it.
+
+        The list returned may be the very one the hub pushed to every listener of the
+        stream: read it, never change it. (No comprehension in here: one would make a
+        closure cell of `self` on every call, one more object for the collector to trace
+        per waiting client.)"""
         while True:
             if self._batches:
-                fresh = [e for batch in self._batches for e in batch if e.sid > self.after]
-                self._batches.clear()
-                self._size = 0
+                fresh = self._take()
                 if fresh:
-                    self.after = fresh[-1].sid
                     return fresh
                 continue
             if self.closed is not None:
                 raise Closed(self.closed)
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._waiter = loop.create_future()
             # No timer per wait: entries come far more often than keepalives are due, so one
             # timer stays armed across waits and, when it fires early, re-arms itself at the
@@ -99,6 +117,20 @@ class Listener:
             finally:
                 self._waiter = None
 
+    def _take(self) -> list[Entry]:
+        batches = self._batches
+        # Most often one batch, as pushed: handed on as it is, not copied.
+        fresh = batches.popleft() if len(batches) == 1 else [e for b in batches for e in b]
+        batches.clear()
+        self._size = 0
+        after = self.after
+        if fresh[0].sid <= after:  # entries come in id order: only a hand-over overlaps
+            fresh = [e for e in fresh if e.sid > after]
+            if not fresh:
+                return fresh
+        self.after = fresh[-1].sid
+        return fresh
+
     def stop(self) -> None:
         """Disarm the keepalive timer: the listener is no longer read."""
         if self._timer is not None:
@@ -109,13 +141,15 @@ class Listener:
         self._timer = None
         if self._waiter is None or self._waiter.done() or self._deadline == math.inf:
             return  # not waiting with a deadline: the next wait arms a timer of its own
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._expire)
         else:
             self._waiter.set_result(True)
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Let a waiting `next` read what was pushed (or learn of the close)."""
+        self._queued = False
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(False)
 
