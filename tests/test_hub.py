@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import subprocess
 import tempfile
 import time
@@ -26,6 +27,7 @@ from session_sidecar.streams import readers
 from session_sidecar.streams.follow import Follower, is_end, through_end
 from session_sidecar.streams.hub import StreamHub
 from session_sidecar.streams.listener import Closed, Listener, Reason
+from session_sidecar.streams.waker import SLICE, Waker
 from session_sidecar.streams.wire import ZERO, Entry, decode_page, parse_id
 from tests.test_index import wait_for
 from tests.topology import cli_beside, cluster_ok
@@ -106,6 +108,27 @@ async def test_one_keepalive_timer_serves_every_wait() -> None:
         await asyncio.wait_for(listener.next(5.0), 0.1)
     assert await asyncio.wait_for(listener.next(0.2), 3.0) == []
     listener.stop()
+
+
+async def test_listeners_are_woken_a_slice_per_turn_each_once() -> None:
+    """However many listeners an entry reaches, a turn of the event loop wakes at most
+    SLICE of them (so that the loop keeps turning, and accepting connections); a listener
+    pushed to again before its turn is not queued twice, and reads both batches at once."""
+    waker = Waker()
+    listeners = [Listener("k", ZERO, 10, waker.soon) for _ in range(3 * SLICE)]
+    waits = [asyncio.create_task(listener.next(None)) for listener in listeners]
+    await asyncio.sleep(0)  # every one waiting
+    first, second = (decode_page([(f"{i}-0", {b"content": f"e{i}".encode()})]) for i in (1, 2))
+    for listener in listeners:
+        listener.push(first)
+        listener.push(second)
+    woken = []
+    for _ in range(6):
+        await asyncio.sleep(0)
+        woken.append(sum(wait.done() for wait in waits))
+    assert all(later - earlier <= SLICE for earlier, later in itertools.pairwise([0, *woken]))
+    assert woken[-1] == len(listeners) and woken.index(len(listeners)) <= 4  # 3 slices, not 6
+    assert all(contents(wait.result()) == ["e1", "e2"] for wait in waits)
 
 
 async def test_a_stream_joins_without_waiting_out_the_block(

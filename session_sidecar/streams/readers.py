@@ -10,8 +10,8 @@ read and thrown away, which costs nothing anyone waits for.
 
 A reader starts at most one round every ROUND_S. A round costs the same whatever it
 brings back (the command names every stream and its cursor; Redis looks at each),
-so without a floor a busy hub would pay that for every entry written: with 500
-followed streams written every 150 ms, thousands of rounds a second, each naming
+so without a floor a busy hub would pay that for nearly every entry written: with
+500 followed streams written every 150 ms, hundreds of rounds a second, each naming
 250 streams. With it, entries that come quicker than that share a round, at the
 price of at most ROUND_S of delay.
 
@@ -48,7 +48,7 @@ COUNT = 256  # entries per stream per read: a backlog is read in a few rounds
 HUB_CLIENT_NAME = "sidecar-hub"
 NUDGE_RETRY_S = 0.005
 CLUSTER_POLL_S = 0.1
-ROUND_S = 0.01
+ROUND_S = 0.02
 CLOSE_RETRY_S = 0.1
 
 

@@ -130,7 +130,8 @@ def decode_page(raw: Any) -> list[Entry]:
 
 
 def _pairs(flat: Sequence[bytes]) -> zip[tuple[bytes, bytes]]:
-    return zip(flat[::2], flat[1::2], strict=True)
+    items = iter(flat)  # one iterator twice: pairs without copying the list in halves
+    return zip(items, items, strict=True)
 
 
 def _text(raw: bytes | str, entry_id: str) -> str:
