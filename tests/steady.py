@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -127,19 +127,12 @@ class Poller:
         return f"{len(self.answers)} answers by status {counts}; wrong: {shown}"
 
 
-@dataclass
-class LiveWriter:
-    """Appends a chunk to a live run every WRITE_S, as the backend's worker does; a write that
-    fails while the topology changes is simply retried at the next tick."""
+class Background:
+    """A loop run as a task between `start` and `stop`."""
 
-    sim: BackendSimulator
-    conversation: str
-    run_id: str
-    written: list[str] = field(default_factory=list)  # entry ids Redis acknowledged
-    failures: int = 0
     _task: asyncio.Task[None] | None = None
 
-    def start(self) -> LiveWriter:
+    def start(self) -> Self:
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -148,6 +141,21 @@ class LiveWriter:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class LiveWriter(Background):
+    """Appends a chunk to a live run every WRITE_S, as the backend's worker does; a write that
+    fails while the topology changes is simply retried at the next tick."""
+
+    sim: BackendSimulator
+    conversation: str
+    run_id: str
+    written: list[str] = field(default_factory=list)  # entry ids Redis acknowledged
+    failures: int = 0
 
     async def _run(self) -> None:
         n = 0
@@ -161,7 +169,7 @@ class LiveWriter:
 
 
 @dataclass
-class Follower:
+class Follower(Background):
     """An `events` client of one run (the hub's listener), as an EventSource: whenever a
     response ends without `end` (Redis failed, shutdown) it reconnects with Last-Event-ID.
     Every entry id it was sent, in order."""
@@ -171,17 +179,6 @@ class Follower:
     run_id: str
     ids: list[str] = field(default_factory=list)
     reconnects: int = 0
-    _task: asyncio.Task[None] | None = None
-
-    def start(self) -> Follower:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def stop(self) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     async def _run(self) -> None:
         async with http_client() as http:
