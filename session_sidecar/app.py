@@ -39,8 +39,14 @@ class Sidecar:
     def __init__(self, settings: Settings, client: RedisClient | None = None):
         self.settings = settings
         self.client = client if client is not None else create_client(settings)
-        # SIDECAR_READ_FROM_REPLICAS: what each request reads, from replicas; the rest, primaries.
-        self.reads = create_client(settings, replicas=True) if settings.read_from_replicas else self.client
+        # What each request reads, always within its budget: a client without timeouts of its
+        # own (see create_client), from replicas with SIDECAR_READ_FROM_REPLICAS; the rest
+        # (the index, the hub, the watch) on `client`. A client given (tests) serves both.
+        self.reads = self.client
+        if settings.read_from_replicas:
+            self.reads = create_client(settings, replicas=True, budgeted=True)
+        elif client is None:
+            self.reads = create_client(settings, budgeted=True)
         self.metrics = Metrics()
         self.authenticator = Authenticator(settings)
         self.policy: AccessPolicy = make_policy(settings)

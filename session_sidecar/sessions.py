@@ -102,7 +102,11 @@ class SessionService:
             # One large read per conversation at a time: wait for it (within this request's
             # budget), then look again: the ended runs' facts are known by then.
             await asyncio.wait({pending})
-        read = asyncio.create_task(self._read_facts(conversation_id, found, to_read, known, primary))
+        # Past the request's deadline the read still needs a bound of its own (the requests'
+        # client has no socket timeout): one budget per round trip.
+        limit_s = self.timeout_s * -(-len(to_read) // RUNS_PER_TRIP)
+        reading = self._read_facts(conversation_id, found, to_read, known, primary)
+        read = asyncio.create_task(within_budget(limit_s, reading))
         self._large_reads[conversation_id] = read
         read.add_done_callback(functools.partial(self._large_read_done, conversation_id))
         return await asyncio.shield(read)  # the request's deadline ends this wait, not the read

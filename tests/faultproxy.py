@@ -48,6 +48,7 @@ class FaultProxy:
         self._healed.set()
         self.port = 0
         self.resets = 0
+        self.peak = 0  # the most connections open through the proxy at once
 
     @property
     def url(self) -> str:
@@ -81,6 +82,7 @@ class FaultProxy:
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.create_task(self._serve(reader, writer))
         self._connections.add(task)
+        self.peak = max(self.peak, len(self._connections))
         task.add_done_callback(self._connections.discard)
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:

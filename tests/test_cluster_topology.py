@@ -241,7 +241,7 @@ async def test_cluster_reads_from_replicas(
     primaries = await cluster.settled()
     runs = [await writer.full_run(f"conv-r{i}", "alice", "m", chunks=1, status=None) for i in range(6)]
     replicas = [await cluster.replica_of(port) for port in primaries]
-    reads = ("xinfo|stream", "pttl")
+    reads = ("xinfo|stream", "get")
     before = {port: await calls(port, *reads) for port in primaries + replicas}
     with serve(settings_for(cluster, make_settings, read_from_replicas=True)) as served:
         await until(lambda: index_of(served).in_sync, 10, "index in sync")

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -19,7 +20,7 @@ from session_sidecar.index import LiveIndex
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from session_sidecar.store import facts as facts_read
-from session_sidecar.store.facts import NO_SUCH_KEY, _facts, read_facts
+from session_sidecar.store.facts import NO_SUCH_KEY, _facts, _remaining_ms, read_facts
 from session_sidecar.store.keys import KeySchema
 from tests.conftest import Api, open_api
 from tests.test_index import index_of, wait_for
@@ -262,7 +263,9 @@ RULES = Rules(stale_after_ms=600_000, status_ttl_ms=600_000)
 def test_a_status_key_dated_from_its_pttl(
     status: bytes | None, pttl: int, remaining: int | None, started_at: int | None
 ) -> None:
-    facts = _facts(CONV, "r", [ResponseError(NO_SUCH_KEY), status, pttl])  # no stream
+    facts = _facts(CONV, "r", ResponseError(NO_SUCH_KEY), status)  # no stream
+    assert facts.status_pttl_ms is None  # dated by the PTTL trip, as below
+    facts = msgspec.structs.replace(facts, status_pttl_ms=_remaining_ms(pttl, facts.status))
     assert facts.status_pttl_ms == remaining
     view = derive_run(facts, NOW, RULES)
     if started_at is None:
@@ -270,6 +273,39 @@ def test_a_status_key_dated_from_its_pttl(
     else:
         assert view is not None and view.state is RunState.WORKING
         assert view.started_at == view.last_activity == started_at
+
+
+async def test_only_runs_without_stream_entries_have_their_status_ttl_read(
+    redis_client: aioredis.Redis, sim: BackendSimulator
+) -> None:
+    # Five runs in one read: a queued one with no stream (the older backend's `pending`)
+    # between a streaming one and a finished one, and a second queued one last, so a slip in
+    # which fact gets which PTTL shows; a run with a stream never has its PTTL read.
+    old = BackendSimulator(redis_client, old_backend=True)
+    t = now_ms()
+    done = await sim.full_run(CONV, "alice", "a-done", chunks=2, start_ms=t - 60_000)
+    await sim.start(CONV, "conversation:alice:b-live")
+    await old.queue(CONV, "conversation:alice:c-queued")
+    await redis_client.pexpire(f"task:status:{CONV}:conversation:alice:c-queued", 500_000)
+    await sim.chunk(CONV, "conversation:alice:b-live", "text")
+    await old.queue(CONV, "conversation:alice:d-queued")
+    await redis_client.persist(f"task:status:{CONV}:conversation:alice:d-queued")
+    runs = [done, "conversation:alice:b-live", "conversation:alice:c-queued", "conversation:alice:d-queued"]
+
+    async def pttl_calls() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(stats.get("cmdstat_pttl", {}).get("calls", 0))
+
+    before = await pttl_calls()
+    facts = {f.run_id: f for f in await read_facts(redis_client, KeySchema("chat:stream"), CONV, runs)}
+    assert await pttl_calls() - before == 2  # one each for c and d, in one trip
+    assert facts[done].status_pttl_ms is None and facts[done].last_entry_type == "end"
+    assert facts["conversation:alice:b-live"].status_pttl_ms is None
+    assert facts["conversation:alice:b-live"].last_entry_type == "chunk"
+    queued = facts["conversation:alice:c-queued"]
+    assert queued.status == "pending" and queued.last_entry_id is None
+    assert queued.status_pttl_ms is not None and 490_000 < queued.status_pttl_ms <= 500_000
+    assert facts["conversation:alice:d-queued"].status_pttl_ms is None  # no TTL: no date
 
 
 def test_derive_dates_a_run_from_a_pttl_of_zero() -> None:

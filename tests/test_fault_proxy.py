@@ -71,7 +71,7 @@ async def test_fault_under_load(
             proxy.heal()
             await asyncio.sleep(AFTER_S)
         window = judge(load, on, off, SETTLE_S)
-        print(window.summary(name))
+        print(window.summary(name), f"peak connections {proxy.peak}")
 
         assert not window.wrong, f"wrong answers: {window.wrong[:5]}"
         assert not window.not_right_outside, f"not right outside the fault: {window.not_right_outside[:5]}"
@@ -82,3 +82,7 @@ async def test_fault_under_load(
         else:
             assert 503 not in window.during, window.summary(name)
         assert window.first_right_after_s is not None and window.first_right_after_s < SETTLE_S
+        # Bounded connections: a caller's connection cut at the deadline is closed, not left
+        # waiting (the requests' client has no socket timeout of its own), so at most a new
+        # one beside it per caller, plus the index's two (and a little slack).
+        assert proxy.peak <= 2 * load.clients + 4, f"{proxy.peak} connections open at once"

@@ -67,14 +67,14 @@ async def test_a_large_read_is_done_once_and_the_conversation_then_answers(
 
         await wait_for(answers, timeout_s=15)
         answering_s = time.monotonic() - asked
-        # Read once, not once per caller: each caller's own read would have cost 5,001 PTTLs
+        # Read once, not once per caller: each caller's own read would have cost 5,001 GETs
         # (a full read's only, one a run: the check of kept facts sends none).
-        pttls = await commands(redis_client, "pttl")
-        assert pttls <= runs + 1 + 100, pttls
+        gets = await commands(redis_client, "get")
+        assert gets <= runs + 1 + 100, gets
         assert len(index._entries[CONV].ended.known(index._entries[CONV].runs).facts) == runs
         print(
             f"{runs} ended runs: {[r.status_code for r in first]} for 8 callers at once, "
-            f"answering {answering_s * 1000:.0f} ms after; {pttls} PTTL calls in all"
+            f"answering {answering_s * 1000:.0f} ms after; {gets} GET calls in all"
         )
 
 
@@ -130,3 +130,33 @@ def test_a_read_keeps_facts_only_of_runs_without_a_stream_event_since() -> None:
     assert not conversation.unchanged_since("a", began) and not conversation.unchanged_since("b", began)
     later = conversation.known(()).since  # a read that began after all of them keeps everything
     assert conversation.unchanged_since("a", later) and conversation.unchanged_since("live", later)
+
+
+async def test_a_large_read_on_a_stalled_redis_ends_at_its_own_bound(
+    make_settings: Callable[..., Settings], redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    # The requests' client has no socket timeout: each request's budget bounds its reads.
+    # A large read outlives its request, so it has a bound of its own, one budget per round
+    # trip (250 runs, 3 trips: 0.6 s); without it the read would wait for Redis to answer.
+    await ended_runs(redis_client, 250)
+    async for api in open_api(make_settings(index_mode="auto", redis_timeout_ms=200)):
+        index = index_of(api)
+        await wait_for(lambda: index.in_sync)
+        sessions = api.app.state.sidecar.sessions
+        blocker = aioredis.Redis.from_url(redis_url)
+        try:
+            await blocker.execute_command("CLIENT", "PAUSE", "5000", "ALL")  # type: ignore[no-untyped-call]
+            paused = time.monotonic()
+            assert (await api.get(CONV, "active-session")).status_code == 503
+            assert sessions._large_reads, "the read goes on past its request"
+            await wait_for(lambda: not sessions._large_reads, timeout_s=4)
+            ended_s = time.monotonic() - paused
+            assert ended_s < 2.5, f"ended after {ended_s:.2f} s, with Redis paused for 5 s"
+        finally:
+            await blocker.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+            await blocker.aclose()
+
+        async def answers() -> bool:
+            return (await api.get(CONV, "active-session")).status_code == 200
+
+        await wait_for(answers, timeout_s=10)

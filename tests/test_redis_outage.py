@@ -101,10 +101,10 @@ async def test_concurrent_requests_on_a_stalled_redis_all_answer_at_the_deadline
     # 1M keys and SCAN per request: every request runs out of budget mid-command,
     # and the answer must not wait for redis-py to tear the cancelled connection down.
     await _seed(own_redis.url)
-    filler = aioredis.Redis.from_url(own_redis.url)
-    await filler.eval(
-        "for i=1,tonumber(ARGV[1]) do redis.call('SET','unrelated:'..i,'x') end", 0, "1000000"
-    )
+    # No read timeout: the one EVAL that writes the filler takes seconds on a busy
+    # machine, longer than redis-py's default socket timeout (5 s since 8.x).
+    filler = aioredis.Redis.from_url(own_redis.url, socket_timeout=None)
+    await filler.eval("for i=1,tonumber(ARGV[1]) do redis.call('SET','unrelated:'..i,'x') end", 0, "1000000")
     await filler.aclose()
     settings = make_settings(redis_url=own_redis.url, redis_timeout_ms=300, index_mode="scan")
     async for api in open_api(settings):

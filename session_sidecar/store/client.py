@@ -39,7 +39,7 @@ def redis_timeout_s(settings: Settings) -> float:
     return settings.redis_timeout_ms / 1000
 
 
-def create_client(settings: Settings, *, replicas: bool = False) -> RedisClient:
+def create_client(settings: Settings, *, replicas: bool = False, budgeted: bool = False) -> RedisClient:
     """One pooled client for the process, standalone, Sentinel or Cluster.
 
     `replicas`: the second client of SIDECAR_READ_FROM_REPLICAS, for the facts each request
@@ -47,10 +47,18 @@ def create_client(settings: Settings, *, replicas: bool = False) -> RedisClient:
     replica up is read on its primary). Everything that follows changes as they happen (the
     index, the hub, the watch) keeps the primary's client: what it hears of a change must
     not be read back from a replica that has not seen the change yet.
+
+    `budgeted`: every call made with this client runs under `within_budget` (the requests'
+    reads), whose deadline already bounds it and cancels it, so the client has no socket
+    timeout and no wait-for-a-connection timeout of its own. Each costs redis-py an
+    `asyncio.wait_for` task per command sent and a timer per reply read: about a tenth of
+    a request's CPU under load (docs/operations.md, "The request path"). Whatever runs
+    outside a budget (the index's subscriptions and seed SCAN, the hub's reads) uses a
+    client with timeouts.
     """
     timeout_s = redis_timeout_s(settings)
     common: dict[str, Any] = {
-        "socket_timeout": timeout_s,
+        "socket_timeout": None if budgeted else timeout_s,
         "socket_connect_timeout": timeout_s,
         "decode_responses": False,
         "health_check_interval": 30,
@@ -82,7 +90,10 @@ def create_client(settings: Settings, *, replicas: bool = False) -> RedisClient:
     # A burst beyond the pool waits for a free connection (within the budget)
     # instead of failing at once, as the plain pool does.
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=timeout_s, **common
+        settings.redis_url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=None if budgeted else timeout_s,
+        **common,
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
+import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
@@ -17,8 +18,8 @@ from session_sidecar.problems import warn_once
 from session_sidecar.store.client import RedisClient, execute
 from session_sidecar.store.keys import SCAN_COUNT, KeySchema, decode_key
 
-# Facts read per pipelined round trip: runs (3 commands each), or runs known to have ended
-# (one XINFO STREAM each). One trip of 300 commands keeps the event loop for a few
+# Facts read per pipelined round trip: runs (2 commands each), or runs known to have ended
+# (one XINFO STREAM each). One trip of 250 commands keeps the event loop for a few
 # milliseconds.
 RUNS_PER_TRIP = 100
 KNOWN_PER_TRIP = 250
@@ -76,8 +77,10 @@ async def read_facts(
     run_ids: Iterable[str],
     known: Mapping[str, RunFacts] | None = None,
 ) -> list[RunFacts]:
-    """Every run's facts, pipelined: its stream's length and edge entries (`XINFO STREAM`),
-    its status (`GET`) and the status's remaining TTL (`PTTL`).
+    """Every run's facts, pipelined: its stream's length and edge entries (`XINFO STREAM`)
+    and its status (`GET`); for a run with a status but no stream entries (queued), the
+    status's remaining TTL (`PTTL`, which dates it) in one more trip. Only such a run needs
+    it, and it is rare and brief: read for every run, it was a quarter of the commands.
 
     `known` holds facts of runs that ended: each costs the `XINFO STREAM` alone, and is
     read again only if its stream changed since (`ended.unchanged`).
@@ -88,28 +91,38 @@ async def read_facts(
     ordered = sorted(run_ids)
     kept = sorted(known or ())
     trips = max(-(-len(ordered) // RUNS_PER_TRIP), -(-len(kept) // KNOWN_PER_TRIP))
-    replicas = client if isinstance(client, RedisCluster) and client.load_balancing_strategy else None
+    # `aioredis.Redis` first: a plain class, where RedisCluster's isinstance check goes
+    # through typing's Protocol machinery, measurably on every request.
+    replicas = (
+        client
+        if not isinstance(client, aioredis.Redis)
+        and isinstance(client, RedisCluster)
+        and client.load_balancing_strategy
+        else None
+    )
     if replicas is not None:
         # The slot map that names each key's replica is built on first use (and again after
         # a failure closed the client), which a pipeline does only when it runs.
         await replicas.initialize()
     facts: list[RunFacts] = []
     changed: list[str] = []
+    undated: list[int] = []  # where in `facts` a queued run waits for its PTTL
     for trip in range(trips):
         runs = ordered[trip * RUNS_PER_TRIP : (trip + 1) * RUNS_PER_TRIP]
         checked = kept[trip * KNOWN_PER_TRIP : (trip + 1) * KNOWN_PER_TRIP]
         pipe = client.pipeline(transaction=False)
         for run_id in runs:
-            status = schema.status_key(conversation_id, run_id)
             _xinfo_stream(pipe, schema.stream_key(conversation_id, run_id), replicas)
-            pipe.get(status)
-            pipe.pttl(status)
+            pipe.get(schema.status_key(conversation_id, run_id))
         for run_id in checked:
             _xinfo_stream(pipe, schema.stream_key(conversation_id, run_id), replicas)
         replies = await execute(pipe)
         for i, run_id in enumerate(runs):
-            facts.append(_facts(conversation_id, run_id, replies[3 * i : 3 * i + 3]))
-        for run_id, reply in zip(checked, replies[3 * len(runs) :], strict=True):
+            fact = _facts(conversation_id, run_id, replies[2 * i], replies[2 * i + 1])
+            if fact.status is not None and (fact.first_entry_id is None or fact.last_entry_id is None):
+                undated.append(len(facts))
+            facts.append(fact)
+        for run_id, reply in zip(checked, replies[2 * len(runs) :], strict=True):
             assert known is not None
             # Not a stream (an error reply) is a change too: the re-read tells gone from
             # another type, and warns of the latter.
@@ -118,9 +131,26 @@ async def read_facts(
                 facts.append(known[run_id])
             else:
                 changed.append(run_id)
+    if undated:
+        await _date_queued(client, schema, conversation_id, facts, undated)
     if changed:
         facts.extend(await read_facts(client, schema, conversation_id, changed))
     return facts
+
+
+async def _date_queued(
+    client: RedisClient, schema: KeySchema, conversation_id: str, facts: list[RunFacts], at: list[int]
+) -> None:
+    """The status TTL left (`PTTL`) of the queued runs at `facts[i]` for each i in `at`.
+
+    Read a moment after the status: a key that expired in between answers -2, dated as a
+    whole TTL ago, like the 0 it would have shown a moment before (`_remaining_ms`)."""
+    pipe = client.pipeline(transaction=False)
+    for i in at:
+        pipe.pttl(schema.status_key(conversation_id, facts[i].run_id))
+    for i, pttl in zip(at, await execute(pipe), strict=True):
+        remaining = _remaining_ms(pttl, facts[i].status)
+        facts[i] = msgspec.structs.replace(facts[i], status_pttl_ms=remaining)
 
 
 def _xinfo_stream(pipe: Pipeline | ClusterPipeline, key: str, replicas: RedisCluster | None) -> None:
@@ -179,8 +209,9 @@ def _stream_info(reply: object) -> StreamInfo | None:
     return StreamInfo(length, first, last) if isinstance(length, int) else None
 
 
-def _facts(conversation_id: str, run_id: str, replies: list[Any]) -> RunFacts:
-    stream, status, pttl = replies
+def _facts(conversation_id: str, run_id: str, stream: Any, status: Any) -> RunFacts:
+    """A run's facts from its `XINFO STREAM` and `GET` replies; `status_pttl_ms` is left to
+    `_date_queued`, for the runs that need it."""
     info = _stream(stream, conversation_id, run_id)
     first_type = _entry_type(info.first, conversation_id, run_id)
     last_type = _entry_type(info.last, conversation_id, run_id)
@@ -192,7 +223,6 @@ def _facts(conversation_id: str, run_id: str, replies: list[Any]) -> RunFacts:
         last_entry_id=_entry_id(info.last),
         last_entry_type=last_type,
         status=status_text,
-        status_pttl_ms=_remaining_ms(pttl, status_text),
         stream_length=info.length,
     )
 

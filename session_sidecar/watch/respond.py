@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, NamedTuple
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -20,9 +21,14 @@ class Outcome(NamedTuple):
     not_modified: bool  # the HTTP form, and the client's version is still current: 304
 
 
+NO_QUERY = QueryParams()
+
+
 def wanted_from(request: Request, cap_s: float) -> Wanted | None:
     """None for an answer at once, as without a watch; BadRequest for a malformed `wait`."""
-    query, headers = request.query_params, request.headers
+    # Most requests carry no query string: parsing an empty one is measurable per request.
+    query = request.query_params if request.scope.get("query_string") else NO_QUERY
+    headers = request.headers
     return wanted(
         query.get("wait"), query.get("since"), headers.get("if-none-match"), headers.getlist("prefer"), cap_s
     )
