@@ -105,13 +105,27 @@ async def within_budget(timeout_s: float, work: Awaitable[T]) -> T:
     a command cancelled mid-read makes redis-py drop and close that connection,
     which under load can take longer than the budget itself.
     """
+    # What `asyncio.wait({task}, timeout=...)` does, without its sets and checks: one future
+    # woken by the task's end or by the deadline, whichever comes first (per request, hot).
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
+    woken: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    deadline = loop.call_later(timeout_s, wake)
+    task.add_done_callback(wake)
     try:
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        await woken
     except asyncio.CancelledError:
         task.cancel()
         raise
-    if not done:
+    finally:
+        deadline.cancel()
+        task.remove_done_callback(wake)
+    if not task.done():
         task.cancel()
         task.add_done_callback(_discard_outcome)
         log.warning("redis over budget (%.0f ms)", timeout_s * 1000)
