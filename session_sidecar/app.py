@@ -41,11 +41,13 @@ class Sidecar:
         self.client = client if client is not None else create_client(settings)
         # What each request reads, always within its budget: a client without timeouts of its
         # own (see create_client), from replicas with SIDECAR_READ_FROM_REPLICAS; the rest
-        # (the index, the hub, the watch) on `client`. A client given (tests) serves both.
+        # (the index, the hub, the watch) on `client`. A client given (tests) serves both, and
+        # so does Sentinel's primary client: after a failover the index drops its pooled
+        # connections to the former primary (topology.py), which a second pool would keep.
         self.reads = self.client
         if settings.read_from_replicas:
             self.reads = create_client(settings, replicas=True, budgeted=True)
-        elif client is None:
+        elif client is None and not settings.redis_sentinels:
             self.reads = create_client(settings, budgeted=True)
         self.metrics = Metrics()
         self.authenticator = Authenticator(settings)

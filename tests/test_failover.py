@@ -181,7 +181,7 @@ async def test_sentinel_reads_from_the_replica(
     await until(lambda: _replicated(replica, writer, CONV, live), 10, "the run on the replica")
 
     async def reads(port: int) -> int:
-        return await calls(port, "xinfo|stream", "pttl")
+        return await calls(port, "xinfo|stream", "get")
 
     before = {port: await reads(port) for port in (primary, replica)}
     with serve(settings_for(sentinels, make_settings, read_from_replicas=True)) as served:
