@@ -209,6 +209,30 @@ async def test_killed_hub_connections_are_replaced_without_gap_or_duplicate(
     await wait_for(replaced)
 
 
+async def test_connections_killed_one_after_another_while_redis_answers_end_no_listener(
+    hub: StreamHub, redis_client: aioredis.Redis
+) -> None:
+    # Each kill lands in the blocked read of a fresh connection, with nothing written between:
+    # two failed rounds in a row, though Redis answered every connection. Only a round that
+    # cannot reach Redis after a failure is Redis down (test_stream_faults.py covers that).
+    listener = hub.subscribe("s1", ZERO)
+    await add(redis_client, "s1", 1, prefix="before")
+    assert contents(await take(listener, 1)) == ["before0"]
+    killed: set[int] = set()
+
+    async def blocked_on_a_new_connection() -> bool:
+        listed = [c for c in await hub_clients(redis_client) if int(c["id"]) not in killed]
+        return bool(listed) and listed[0]["cmd"] == "xread"
+
+    for _ in range(3):
+        await wait_for(blocked_on_a_new_connection)
+        [conn] = [c for c in await hub_clients(redis_client) if int(c["id"]) not in killed]
+        killed.add(int(conn["id"]))
+        assert await redis_client.client_kill_filter(_id=conn["id"]) == 1
+    await add(redis_client, "s1", 2, prefix="after")
+    assert contents(await take(listener, 2)) == ["after0", "after1"]
+
+
 async def test_a_thousand_listeners_share_the_fixed_connections(
     make_settings: Callable[..., Settings],
 ) -> None:

@@ -72,6 +72,9 @@ class Reader:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._round_started = -ROUND_S  # loop time
+        # Whether the round in progress reached Redis (a connection made, its handshake
+        # answered): a connection lost after that was cut, not refused (see `_run`).
+        self._reached = False
 
     def add(self, stream: Followed) -> None:
         self.streams[stream.key] = stream
@@ -122,6 +125,7 @@ class Reader:
                 await asyncio.sleep(pause_s)
             self._round_started = loop.time()
             snapshot = self._snapshot()
+            self._reached = False
             try:
                 await self._round(snapshot)
                 failures = 0
@@ -134,8 +138,10 @@ class Reader:
             except (RedisError, OSError) as exc:
                 # A killed connection is replaced at once and read again from each
                 # stream's cursor: no gap, no duplicate. Only a second failure in a
-                # row (Redis really down) ends the responses that depend on it.
-                failures += 1
+                # row without reaching Redis in between (Redis really down) ends the
+                # responses that depend on it: connections killed one after another
+                # (CLIENT KILL, a proxy's idle cut) while Redis answers are not that.
+                failures = 1 if self._reached else failures + 1
                 await self._lost()
                 if self._closing:
                     break
@@ -192,6 +198,7 @@ class BlockingReader(Reader):
         conn = self._conn or self._connection_class(**self._kwargs)
         self._conn = conn
         await conn.connect()  # type: ignore[no-untyped-call]
+        self._reached = True
         await conn.send_command("CLIENT", "ID")
         self.client_id = int(await conn.read_response())
         return conn
@@ -203,6 +210,7 @@ class BlockingReader(Reader):
 
     async def _round(self, snapshot: dict[str, Followed]) -> None:
         conn = await self._connect()
+        self._reached = True  # a connection made in an earlier round reached Redis then
         streams = snapshot.values()
         command = (
             "XREAD", "COUNT", COUNT, "BLOCK", BLOCK_MS, "STREAMS",
