@@ -286,11 +286,20 @@ def hostile(world: World, http: httpx.Client) -> float:
 
 
 def _settle(http: httpx.Client, deadline: float) -> None:
+    """Five right answers in a row, from the live index. The fill's million `XADD` events can
+    overflow the index subscriber's output buffer: Redis drops it, and until the index has
+    re-seeded every request SCANs, which with the `huge` conversation's 30 MB read may
+    exceed the budget (a 503, as it should be): steady means the index is back too."""
     in_a_row = 0
     while in_a_row < 5:
         assert time.monotonic() < deadline, "no steady right answers"
-        in_a_row = in_a_row + 1 if get(http, "junk", "task-status")[0].status_code == 200 else 0
+        right = get(http, "junk", "task-status")[0].status_code == 200
+        in_a_row = in_a_row + 1 if right and _index_in_sync(http) else 0
         time.sleep(0.05)
+
+
+def _index_in_sync(http: httpx.Client) -> bool:
+    return "\nsidecar_index_enabled 1.0\n" in http.get("/metrics").text
 
 
 def test_hostile_contents_keep_answers_right_latency_bounded_memory_flat(
@@ -307,8 +316,18 @@ def test_hostile_contents_keep_answers_right_latency_bounded_memory_flat(
                 slowest = max(slowest, elapsed)
         return slowest
 
-    for _ in range(3):  # warm: caches, the index's memory of ended runs, the duration samples
-        round_trip()
+    # Warm: caches, the index's memory of ended runs, the duration samples. The first `huge`
+    # read after a fill that dropped the index's subscriber took 1.0-1.2 s on a 2-core CI
+    # machine (the next ones 110-170 ms): 503s are allowed here, a few, never another answer;
+    # every answer of the measured rounds below must be right.
+    for _ in range(3):
+        for conversation in conversations:
+            for endpoint in ENDPOINTS:
+                for _ in range(5):
+                    response, _ = get(http, conversation, endpoint)
+                    if response.status_code != 503:
+                        break
+                assert_right(world, conversation, response)
     # The Python heap, counted after a full collection: RSS would mostly show when the
     # allocator returns the 30 MB each `huge` answer reads, and when the cyclic collector runs.
     gc.collect()
