@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
@@ -157,12 +158,70 @@ async def execute(pipe: Pipeline | ClusterPipeline) -> list[Any]:
     CLUSTERDOWN and TRYAGAIN mid-failover, a redirect left over mid-migration, a replica's
     MASTERDOWN, a lost connection. Taken for "no such key", they would make a run vanish,
     answered 404 or with another run, where the truth is a 503.
-
-    redis-py keeps each error's traceback, whose frames hold the whole reply list: a
-    reference cycle that keeps every reply, 10 MB values included, until the cyclic
-    garbage collector runs. Dropping the tracebacks frees the replies with the list.
     """
-    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return _checked(await pipe.execute(raise_on_error=False))
+
+
+class Batch:
+    """Commands sent in one round trip, their replies in order as `execute` gives them.
+
+    On a Cluster, a redis-py pipeline, which sends each command to its key's node. On one
+    server (standalone or Sentinel), the commands go straight down one pooled connection with
+    redis-py's own packing, parsing and retry: its `Pipeline` adds bookkeeping and a task of
+    its own per call (the shielded release of its connection), about a twentieth of a
+    request's CPU under load (docs/operations.md, "The request path"). No reply callback is
+    lost: redis-py has none for the commands read so (raw `XINFO STREAM`, `GET`, `PTTL`).
+    """
+
+    def __init__(self, client: RedisClient):
+        # `aioredis.Redis` first: a plain class, where RedisCluster's isinstance check goes
+        # through typing's Protocol machinery.
+        self._client = client if isinstance(client, aioredis.Redis) else None
+        self._pipe = None if self._client is not None else client.pipeline(transaction=False)
+        self._commands: list[tuple[Any, ...]] = []
+
+    def add(self, *args: Any, **options: Any) -> None:
+        """A command; `options` (e.g. `target_nodes`) count on a Cluster only."""
+        if self._pipe is not None:
+            self._pipe.execute_command(*args, **options)
+        else:
+            self._commands.append(args)
+
+    async def execute(self) -> list[Any]:
+        if self._pipe is not None:
+            return await execute(self._pipe)
+        assert self._client is not None
+        pool, commands = self._client.connection_pool, self._commands
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped upstream
+        try:
+            # A pooled connection Redis dropped meanwhile is reconnected and the whole trip
+            # sent again, once, as redis-py's pipeline does.
+            replies = await connection.retry.call_with_retry(
+                lambda: _exchange(connection, commands), lambda _error: connection.disconnect()
+            )
+        finally:
+            # A cancelled read already closed the connection (redis-py does on any failure
+            # mid-reply): released closed, it is never reused with a reply still unread.
+            await pool.release(connection)
+        return _checked(replies)
+
+
+async def _exchange(connection: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    await connection.send_packed_command(connection.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as error:  # about this command alone: the next replies follow
+            replies.append(error)
+    return replies
+
+
+def _checked(replies: list[Any]) -> list[Any]:
+    """`execute`'s rule on replies. redis-py keeps each error's traceback, whose frames hold
+    the whole reply list: a reference cycle that keeps every reply, 10 MB values included,
+    until the cyclic garbage collector runs. Dropping the tracebacks frees the replies with
+    the list."""
     failed = None
     for reply in replies:
         if isinstance(reply, BaseException):

@@ -8,14 +8,13 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from session_sidecar.derive import KNOWN_STATUSES, RunFacts
 from session_sidecar.ended import EndedRuns, unchanged
 from session_sidecar.problems import warn_once
-from session_sidecar.store.client import RedisClient, execute
+from session_sidecar.store.client import Batch, RedisClient
 from session_sidecar.store.keys import SCAN_COUNT, KeySchema, decode_key
 
 # Facts read per pipelined round trip: runs (2 commands each), or runs known to have ended
@@ -110,13 +109,13 @@ async def read_facts(
     for trip in range(trips):
         runs = ordered[trip * RUNS_PER_TRIP : (trip + 1) * RUNS_PER_TRIP]
         checked = kept[trip * KNOWN_PER_TRIP : (trip + 1) * KNOWN_PER_TRIP]
-        pipe = client.pipeline(transaction=False)
+        batch = Batch(client)
         for run_id in runs:
-            _xinfo_stream(pipe, schema.stream_key(conversation_id, run_id), replicas)
-            pipe.get(schema.status_key(conversation_id, run_id))
+            _xinfo_stream(batch, schema.stream_key(conversation_id, run_id), replicas)
+            batch.add("GET", schema.status_key(conversation_id, run_id))
         for run_id in checked:
-            _xinfo_stream(pipe, schema.stream_key(conversation_id, run_id), replicas)
-        replies = await execute(pipe)
+            _xinfo_stream(batch, schema.stream_key(conversation_id, run_id), replicas)
+        replies = await batch.execute()
         for i, run_id in enumerate(runs):
             fact = _facts(conversation_id, run_id, replies[2 * i], replies[2 * i + 1])
             if fact.status is not None and (fact.first_entry_id is None or fact.last_entry_id is None):
@@ -145,15 +144,15 @@ async def _date_queued(
 
     Read a moment after the status: a key that expired in between answers -2, dated as a
     whole TTL ago, like the 0 it would have shown a moment before (`_remaining_ms`)."""
-    pipe = client.pipeline(transaction=False)
+    batch = Batch(client)
     for i in at:
-        pipe.pttl(schema.status_key(conversation_id, facts[i].run_id))
-    for i, pttl in zip(at, await execute(pipe), strict=True):
+        batch.add("PTTL", schema.status_key(conversation_id, facts[i].run_id))
+    for i, pttl in zip(at, await batch.execute(), strict=True):
         remaining = _remaining_ms(pttl, facts[i].status)
         facts[i] = msgspec.structs.replace(facts[i], status_pttl_ms=remaining)
 
 
-def _xinfo_stream(pipe: Pipeline | ClusterPipeline, key: str, replicas: RedisCluster | None) -> None:
+def _xinfo_stream(batch: Batch, key: str, replicas: RedisCluster | None) -> None:
     """Queue `XINFO STREAM key`, unparsed: redis-py's `xinfo_stream` builds dicts of both
     edge entries, which cost about 20 µs a run more than reading the fields wanted here.
 
@@ -163,16 +162,16 @@ def _xinfo_stream(pipe: Pipeline | ClusterPipeline, key: str, replicas: RedisClu
     a failure there is retried by redis-py's own routing, as for any command.
     """
     if replicas is None:
-        pipe.execute_command("XINFO", "STREAM", key)
+        batch.add("XINFO", "STREAM", key)
         return
     try:
         node = replicas.get_node_from_key(key, replica=True)
     except SlotNotCoveredError:
         node = None  # left to redis-py, which refreshes its slot map and retries
     if node is None:
-        pipe.execute_command("XINFO", "STREAM", key)
+        batch.add("XINFO", "STREAM", key)
     else:
-        pipe.execute_command("XINFO", "STREAM", key, target_nodes=node)
+        batch.add("XINFO", "STREAM", key, target_nodes=node)
 
 
 class StreamInfo(NamedTuple):
