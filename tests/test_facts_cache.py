@@ -5,6 +5,7 @@ two runs."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,6 +21,7 @@ from session_sidecar.index import LiveIndex
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
 from session_sidecar.store import facts as facts_read
+from session_sidecar.store.client import Batch
 from session_sidecar.store.facts import NO_SUCH_KEY, _facts, _remaining_ms, read_facts
 from session_sidecar.store.keys import KeySchema
 from tests.conftest import Api, open_api
@@ -333,3 +335,44 @@ async def test_two_runs_ending_in_the_same_millisecond(api: Api, redis_client: a
         assert body["sessionId"] == "conversation:alice:b", (endpoint, body)
     body = (await api.get(CONV, "active-session")).json()
     assert body["cursor"] == f"{ms}-1" and body["lastActivity"] == ms
+
+
+async def test_a_batch_gives_each_reply_in_its_place(redis_client: aioredis.Redis) -> None:
+    """The facts read's round trip on one server (`Batch`, without redis-py's Pipeline): an
+    error reply stands in its command's place, as an exception without its traceback (which
+    would hold the reply list), and the commands after it keep their own replies."""
+    await redis_client.set("a-status", "running")
+    await redis_client.xadd("a-stream", {"type": "start"})
+    batch = Batch(redis_client)
+    for command in (("GET", "a-status"), ("XINFO", "STREAM", "a-status"), ("GET", "none"),
+                    ("XINFO", "STREAM", "none"), ("XLEN", "a-stream")):  # fmt: skip
+        batch.add(*command)
+    got, wrong_type, missing, no_stream, length = await batch.execute()
+    assert (got, missing, length) == (b"running", None, 1)
+    assert isinstance(wrong_type, ResponseError) and str(wrong_type).startswith("WRONGTYPE")
+    assert isinstance(no_stream, ResponseError) and str(no_stream) == NO_SUCH_KEY
+    assert wrong_type.__traceback__ is None and no_stream.__traceback__ is None
+
+
+async def test_a_batch_cut_off_mid_reply_leaves_no_reply_for_the_next(redis_url: str) -> None:
+    """A batch cancelled while Redis has not answered yet (the request's budget ran out) must
+    not give its connection back with a reply still to come: the next batch on the same
+    pool would read that reply as its own (seen failing with the replies read from redis-py's
+    parser directly, which skips the connection's close on a failure)."""
+    client = aioredis.Redis.from_url(redis_url, max_connections=1)
+    pauser = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set("k1", "first")
+        await client.set("k2", "second")
+        await pauser.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        slow = Batch(client)
+        slow.add("GET", "k1")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slow.execute(), 0.1)
+        await asyncio.sleep(0.4)  # the pause is over: the cut-off reply, if still due, has come
+        after = Batch(client)
+        after.add("GET", "k2")
+        assert await after.execute() == [b"second"]
+    finally:
+        await client.aclose()
+        await pauser.aclose()
