@@ -25,6 +25,7 @@ from session_sidecar.app import create_app
 from session_sidecar.embedded import NOTIFY_FLAGS, EmbeddedRedis, find_server_binary
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
+from session_sidecar.streams import hub as hub_module
 
 TEST_SECRET = "test-secret-that-is-long-enough-for-hs256"
 
@@ -140,3 +141,15 @@ async def open_api(settings: Settings) -> AsyncIterator[Api]:
 async def api(make_settings: Callable[..., Settings], redis_client: aioredis.Redis) -> AsyncIterator[Api]:
     async for value in open_api(make_settings()):
         yield value
+
+
+# The hub checks its quiet streams for vanished keys every GONE_CHECK_S (2 s): a test that
+# waits for such a check would sit out two of them. A shorter period runs the same check
+# (quiet that long, then EXISTS) more often; it must be set before the hub starts (list this
+# fixture before the one that serves the app).
+FAST_GONE_CHECK_S = 0.25
+
+
+@pytest.fixture
+def fast_gone_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "GONE_CHECK_S", FAST_GONE_CHECK_S)

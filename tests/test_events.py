@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from session_sidecar.embedded import EmbeddedRedis
 from session_sidecar.settings import Settings
 from session_sidecar.simulator import BackendSimulator
-from session_sidecar.streams import wire
+from session_sidecar.streams import readers, wire
 from tests.conftest import token
 from tests.streaming import Served, http_client, open_events, parse_sse, serve, sse_events
 from tests.test_index import wait_for
@@ -215,7 +215,7 @@ async def test_a_queued_run_is_waited_for(
 
 
 async def test_a_vanished_key_ends_with_a_synthetic_expired_end(
-    served: Served, http: httpx.AsyncClient, sim: BackendSimulator
+    fast_gone_check: None, served: Served, http: httpx.AsyncClient, sim: BackendSimulator
 ) -> None:
     run = await sim.full_run(CONV, "alice", "m1", chunks=1, status=None)
     async with open_events(http, served, CONV, run_id=run) as response:
@@ -265,10 +265,14 @@ async def collect(events: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 async def test_a_slow_client_is_closed_alone(
-    served: Served, http: httpx.AsyncClient, sim: BackendSimulator
+    monkeypatch: pytest.MonkeyPatch, served: Served, http: httpx.AsyncClient, sim: BackendSimulator
 ) -> None:
     """A client that stops reading overflows its own buffer and is closed without `end`;
     a fast client of the same run gets every entry, then the `end`."""
+    # Each of the 300 entries below is written only once the fast client has the one before,
+    # so each costs a hub round, at most one per ROUND_S (20 ms: 6 s here). The floor only
+    # batches entries that come quicker; a shorter one changes nothing this test looks at.
+    monkeypatch.setattr(readers, "ROUND_S", 0.002)
     served.sidecar.hub.buffer = 8
     run = await sim.full_run(CONV, "alice", "m1", chunks=0, status=None)
     slow = socket.socket()

@@ -364,7 +364,7 @@ async def test_a_batch_cut_off_mid_reply_leaves_no_reply_for_the_next(redis_url:
     try:
         await client.set("k1", "first")
         await client.set("k2", "second")
-        await pauser.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        await pauser.execute_command("CLIENT", "PAUSE", "300", "ALL")  # type: ignore[no-untyped-call]
         slow = Batch(client)
         slow.add("GET", "k1")
         with pytest.raises(TimeoutError):

@@ -29,6 +29,7 @@ from session_sidecar.streams.hub import StreamHub
 from session_sidecar.streams.listener import Closed, Listener, Reason
 from session_sidecar.streams.waker import SLICE, Waker
 from session_sidecar.streams.wire import ZERO, Entry, decode_page, parse_id
+from tests.conftest import FAST_GONE_CHECK_S
 from tests.test_index import wait_for
 from tests.topology import cli_beside, cluster_ok
 
@@ -88,7 +89,10 @@ async def test_fan_out_to_every_listener_in_order(hub: StreamHub, redis_client: 
     for listener in listeners:
         assert contents(await take(listener, 20)) == [f"e{i}" for i in range(20)]
     assert contents(await take(other, 3)) == ["o0", "o1", "o2"]
-    batches = [await hub.subscribe("s1", ZERO).next(5) for _ in range(2)]
+    # A join interrupts the hub's blocked read (and without that, the block ends within
+    # BLOCK_MS): were history replayed to a 0-0 join, it would come well within this wait.
+    wait_s = readers.BLOCK_MS / 1000 + 0.5
+    batches = [await hub.subscribe("s1", ZERO).next(wait_s) for _ in range(2)]
     assert batches[0] == [] and batches[1] == []  # 0-0 on a followed stream: only what comes next
 
 
@@ -234,7 +238,7 @@ async def test_connections_killed_one_after_another_while_redis_answers_end_no_l
 
 
 async def test_a_thousand_listeners_share_the_fixed_connections(
-    make_settings: Callable[..., Settings],
+    fast_gone_check: None, make_settings: Callable[..., Settings]
 ) -> None:
     with EmbeddedRedis() as own:  # its own server: every client listed is the hub's or this test's
         writer = aioredis.Redis.from_url(own.url, client_name="test-writer")
@@ -245,7 +249,7 @@ async def test_a_thousand_listeners_share_the_fixed_connections(
                 await add(writer, key, 5)
             for listener in listeners:
                 assert contents(await take(listener, 5)) == [f"e{i}" for i in range(5)]
-            await asyncio.sleep(2.5)  # a check for vanished keys has used the pool too
+            await asyncio.sleep(4 * FAST_GONE_CHECK_S)  # a check for vanished keys has used the pool too
             listed: Any = await writer.client_list()
             names = [c["name"] for c in listed if c["name"] != "test-writer"]
             assert names.count(readers.HUB_CLIENT_NAME) == hub_module.READERS == 2
@@ -254,7 +258,7 @@ async def test_a_thousand_listeners_share_the_fixed_connections(
 
 
 async def test_vanished_and_replaced_keys_close_their_listeners(
-    hub: StreamHub, redis_client: aioredis.Redis
+    fast_gone_check: None, hub: StreamHub, redis_client: aioredis.Redis
 ) -> None:
     gone, replaced, kept = (
         hub.subscribe("gone", ZERO),
@@ -277,14 +281,14 @@ async def test_vanished_and_replaced_keys_close_their_listeners(
 
 
 async def test_an_unseen_stream_lives_while_its_status_key_does(
-    hub: StreamHub, redis_client: aioredis.Redis
+    fast_gone_check: None, hub: StreamHub, redis_client: aioredis.Redis
 ) -> None:
     await redis_client.set("status", "queued")
     waiting = hub.subscribe("later", ZERO, alive_key="status")
     orphan = hub.subscribe("never", ZERO, alive_key="no-status")
     with pytest.raises(Closed):
         await asyncio.wait_for(orphan.next(None), 15)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # two more checks: the one with a status key lives on
     await add(redis_client, "later", 1)
     assert contents(await take(waiting, 1)) == ["e0"]
 

@@ -148,13 +148,15 @@ async def test_a_large_read_on_a_stalled_redis_ends_at_its_own_bound(
         sessions = api.app.state.sidecar.sessions
         blocker = aioredis.Redis.from_url(redis_url)
         try:
-            await blocker.execute_command("CLIENT", "PAUSE", "5000", "ALL")  # type: ignore[no-untyped-call]
+            # Paused past the 2.5 s the read may take: without its bound it would end only
+            # when Redis answers again. (Not longer: UNPAUSE below waits out the pause too.)
+            await blocker.execute_command("CLIENT", "PAUSE", "3500", "ALL")  # type: ignore[no-untyped-call]
             paused = time.monotonic()
             assert (await api.get(CONV, "active-session")).status_code == 503
             assert sessions._large_reads, "the read goes on past its request"
             await wait_for(lambda: not sessions._large_reads, timeout_s=4)
             ended_s = time.monotonic() - paused
-            assert ended_s < 2.5, f"ended after {ended_s:.2f} s, with Redis paused for 5 s"
+            assert ended_s < 2.5, f"ended after {ended_s:.2f} s, with Redis paused for 3.5 s"
         finally:
             await blocker.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             await blocker.aclose()

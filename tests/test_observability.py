@@ -312,7 +312,7 @@ def serving(log: Path, **settings: str) -> Iterator[str]:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"serve did not come up:\n{log.read_text()}")
-            time.sleep(0.1)
+            time.sleep(0.02)
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)

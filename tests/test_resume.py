@@ -167,7 +167,7 @@ async def test_last_id_then_live_entries_until_end(
 
 
 async def test_stop_ends_the_body_and_a_deleted_key_does_too(
-    served: Served, http: httpx.AsyncClient, sim: BackendSimulator
+    fast_gone_check: None, served: Served, http: httpx.AsyncClient, sim: BackendSimulator
 ) -> None:
     stopped = await sim.full_run(CONV, "alice", "m1", chunks=1, status=None)
     deleted = await sim.full_run(CONV, "alice", "m2", chunks=1, status=None)

@@ -72,7 +72,7 @@ def test_serves_on_its_own_socket_and_stops_on_sigterm(redis_url: str) -> None:
                 ready = None
             if ready is not None and ready.status_code == 200:
                 break
-            time.sleep(0.1)
+            time.sleep(0.02)
         assert ready is not None and ready.status_code == 200, "never ready (index seeded)"
     finally:
         proc.send_signal(signal.SIGTERM)
