@@ -168,8 +168,8 @@ class Batch:
     On a Cluster, a redis-py pipeline, which sends each command to its key's node. On one
     server (standalone or Sentinel), the commands go straight down one pooled connection with
     redis-py's own packing, parsing and retry: its `Pipeline` adds bookkeeping and a task of
-    its own per call (the shielded release of its connection), about a twentieth of a
-    request's CPU under load (docs/operations.md, "The request path"). No reply callback is
+    its own per call (the shielded release of its connection), about a tenth of a
+    request's instructions under load (docs/operations.md, "The request path"). No reply callback is
     lost: redis-py has none for the commands read so (raw `XINFO STREAM`, `GET`, `PTTL`).
     """
 
