@@ -21,7 +21,8 @@ from session_sidecar.problems import warn_once
 from session_sidecar.routes import NO_STORE, _refusal, identify
 from session_sidecar.settings import Settings
 from session_sidecar.store.client import execute, redis_timeout_s, within_budget
-from session_sidecar.streams.follow import PAGE, Follower, is_end, through_end
+from session_sidecar.streams import live
+from session_sidecar.streams.follow import PAGE, Follower
 from session_sidecar.streams.hub import StreamHub
 from session_sidecar.streams.listener import Closed, Reason
 from session_sidecar.streams.response import STREAM_HEADERS, Streamed, more
@@ -114,14 +115,8 @@ async def _resume_body(
             failing_since, pause_s = None, RETRY_PAUSE_S  # Redis answers again
             if follower.ended:
                 return  # the run's `end`
-            listener = follower.listener
-            while True:  # the hot path: one wait, one send per batch
-                batch = through_end(await listener.next(keepalive_s))
-                if chunk := _resume_chunk(batch) if batch else RESUME_KEEPALIVE:
-                    await send(more(chunk))
-                    written = loop.time()
-                if is_end(batch):
-                    return
+            await live.follow(follower.listener, send, _resume_chunk, RESUME_KEEPALIVE, keepalive_s)
+            return  # the run's `end`
         except Closed as closed:
             if closed.reason is not Reason.ERROR:
                 return  # the key went, the client fell behind, shutdown: the body ends
@@ -296,18 +291,10 @@ async def _events_body(
         await _send_pages(follower, send, _events_chunk)
         if follower.ended:
             return
-        listener = follower.listener
-        while True:  # the hot path: one wait, one send per batch
-            left = deadline - loop.time()
-            batch = through_end(await listener.next(min(keepalive_s, left) if keepalive_s > 0 else left))
-            if batch:
-                await send(more(_events_chunk(batch)))
-            elif loop.time() < deadline:
-                await send(more(KEEPALIVE))
-            if is_end(batch):
-                return
-            if loop.time() >= deadline:
-                return  # no `end`: the client reconnects with Last-Event-ID
+        # Returns at the run's `end`, or at the deadline without one: the client then
+        # reconnects with Last-Event-ID.
+        keepalive_after = keepalive_s if keepalive_s > 0 else None
+        await live.follow(follower.listener, send, _events_chunk, KEEPALIVE, keepalive_after, deadline)
     except Closed as closed:
         if closed.reason is Reason.GONE:
             await send(more(sse_event("end", {"status": "expired"})))

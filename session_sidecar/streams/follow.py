@@ -53,9 +53,7 @@ class Follower:
     reached the run's `end`, the `listener` (step 4), then `close`.
 
     The live part is not an async generator: it is the hot path of every delivery,
-    and each async-generator layer between the listener and `send` cost a wrapper
-    object and an exception per batch. A body awaits `listener.next` itself, and cuts
-    what it gets with `through_end`.
+    written from the waker's turn by the listener's sink (live.py).
     """
 
     __slots__ = (

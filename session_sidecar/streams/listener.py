@@ -37,7 +37,7 @@ class Listener:
 
     __slots__ = (
         "_batches", "_deadline", "_limit", "_loop", "_queued", "_size", "_timer", "_waiter", "_waker",
-        "after", "closed", "key",
+        "after", "closed", "key", "sink",
     )  # fmt: skip
 
     def __init__(
@@ -59,6 +59,9 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._waker = waker
         self._queued = False  # in the waker's queue: pushes until it is woken need not queue it again
+        # Set by a body following live (live.py): it writes what is pushed while the body's
+        # task waits in `next`, and says whether that task may sleep on.
+        self.sink: Callable[[list[Entry]], bool] | None = None
 
     def push(self, batch: list[Entry]) -> bool:
         """Buffer a batch; False if that overflowed the buffer (the listener is then closed)."""
@@ -88,7 +91,8 @@ class Listener:
 
     async def next(self, wait_s: float | None) -> list[Entry]:
         """The entries after `after` buffered so far, waiting up to `wait_s` for one;
-        `[]` on timeout. Raises `Closed` once the buffer is drained and the hub closed it.
+        `[]` on timeout, or when the `sink` took what came and needs the task to go on.
+        Raises `Closed` once the buffer is drained and the hub closed it.
 
         The list returned may be the very one the hub pushed to every listener of the
         stream: read it, never change it. (No comprehension in here: one would make a
@@ -148,10 +152,19 @@ class Listener:
             self._waiter.set_result(True)
 
     def wake(self) -> None:
-        """Let a waiting `next` read what was pushed (or learn of the close)."""
+        """Let a waiting `next` read what was pushed (or learn of the close); with a `sink`,
+        hand what was pushed to the sink instead, and leave the task waiting."""
         self._queued = False
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(False)
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self.sink is not None and self._batches and self.closed is None:
+            fresh = self._take()
+            if not fresh or self.sink(fresh):
+                return
+            waiter.set_result(True)  # `next` returns [] and its task sees what the sink left
+            return
+        waiter.set_result(False)
 
 
 class Followed:

@@ -30,8 +30,9 @@ class Streamed(Response):
     properly at shutdown.
 
     Leaner than Starlette's `StreamingResponse`, whose anyio task group costs memory per
-    client: the body is written from the request's own task, and one small task, the
-    disconnect watcher, waits for the client to leave (`_watch`).
+    client: the body runs in the request's own task (its live part mostly written from
+    the hub's waker, live.py), and one small task, the disconnect watcher, waits for the
+    client to leave (`_watch`).
 
     The start message goes through every middleware, as any response's. The body messages
     skip the wrappers that act on the start message alone (`BODY_SEND`): thousands of

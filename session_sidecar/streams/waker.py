@@ -7,8 +7,9 @@ import asyncio
 from collections import deque
 from typing import Protocol
 
-# Listeners woken per turn. Each costs a delivery in the next turn (a write to its socket
-# and some 10 µs of Python): 32 make a turn of about a millisecond. Larger slices deliver
+# Listeners woken per turn. Each costs a delivery, most often written in the slice itself
+# (live.py: a write to its socket and some 10 µs of Python): 32 make a turn of under a
+# millisecond. Larger slices deliver
 # more per turn but make fewer turns, so fewer new connections accepted (see `Waker`): in
 # bench/resume.py at 5,000 clients, slices of 128 let a thousand connections pile up in
 # the listen queue while clients arrived, and the p99 delay went from about 0.3 s to
