@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from session_sidecar import __version__, routes
 from session_sidecar.access import AccessPolicy, make_policy
@@ -28,9 +29,18 @@ from session_sidecar.store.facts import RunFinder, ScanFinder
 from session_sidecar.store.keys import KeySchema
 from session_sidecar.streams import endpoints as streams
 from session_sidecar.streams.hub import StreamHub
+from session_sidecar.streams.response import BODY_SEND
 from session_sidecar.watch import WatchHub
 
 log = logging.getLogger("session_sidecar")
+
+
+class _App(Starlette):
+    """Starlette, which first keeps the server's own `send` for streamed bodies (`BODY_SEND`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[BODY_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 class Sidecar:
@@ -135,7 +145,7 @@ def create_app(settings: Settings, *, client: RedisClient | None = None) -> Star
         Route("/openapi.json", routes.openapi, methods=["GET"], name="openapi.json"),
         Route("/docs", routes.docs, methods=["GET"], name="docs"),
     ]
-    app = Starlette(
+    app = _App(
         routes=served,
         middleware=[
             # Outermost, so preflights get a request id and an access log line too.

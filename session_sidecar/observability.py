@@ -39,11 +39,6 @@ _METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"
 _UNLOGGED_ROUTES = frozenset({"healthz", "readyz", "metrics"})
 # `sidecar_redis_errors_total{kind}`
 _REDIS_KIND: dict[Outage, str] = {"redis_timeout": "timeout", "redis_error": "error"}
-# A scope key: the `send` this middleware was given. A streamed response (streams/response.py)
-# sends its body messages there, past every wrapper inside this middleware (its own, CORS's,
-# Starlette's exception handling): they act on the start message only, and pass body
-# messages on unchanged. A middleware that changes bodies belongs outside this one.
-BODY_SEND = "sidecar.body_send"
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -185,7 +180,6 @@ class ObservabilityMiddleware:
         request_id = _incoming_request_id(scope) or f"{random.getrandbits(128):032x}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        scope[BODY_SEND] = send
         status = 500
 
         async def send_with_id(message: Message) -> None:
