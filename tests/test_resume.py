@@ -244,7 +244,7 @@ async def test_the_body_skips_the_middleware_wrappers_but_not_their_work(
     sim: BackendSimulator,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Body messages go past the middleware wrappers (observability.BODY_SEND); the start
+    """Body messages go past the middleware wrappers (response.BODY_SEND); the start
     message does not, so the CORS headers, the request id and the access line are those of
     any response."""
     origin = "http://page.example"
