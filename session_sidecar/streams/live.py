@@ -2,8 +2,9 @@
 turn, while the body's task sleeps (SPEC 8.4: thousands of followers in one process).
 
 Waking a task per delivery (a future, its callback, a step of the task through three
-coroutine frames, a new future for the next wait) cost a third of the CPU of a delivery
-at 5,000 clients, and most of what the garbage collector had to trace. So the listener's
+coroutine frames, a new future for the next wait) put each write a turn of the loop
+later, and made most of what the garbage collector traced at 5,000 clients (a tenth of
+the CPU, in pauses of 10 ms and more; docs/streams.md). So the listener's
 `sink` writes instead: it starts the server's `send` by hand, and nearly always that
 send completes then and there (uvicorn's waits only when the client's socket is full).
 The task wakes only for what needs it: a send that has to wait, the run's `end`, a
@@ -78,8 +79,8 @@ class Sink:
         batch = through_end(batch)
         self.ended = is_end(batch)
         self.written_at = self._loop.time()
-        steps = self._send(more(self._encode(batch))).__await__()
         try:
+            steps = self._send(more(self._encode(batch))).__await__()
             waiting_on = steps.send(None)
         except StopIteration:
             return not self.ended
