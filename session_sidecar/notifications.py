@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from session_sidecar.settings import Settings
-from session_sidecar.store.client import RedisClient, redis_timeout_s
+from session_sidecar.store.client import FOLLOWING_PROTOCOL, RedisClient, redis_timeout_s
 
 log = logging.getLogger("session_sidecar.index")
 
@@ -63,7 +63,12 @@ async def sources(client: RedisClient, settings: Settings) -> list[aioredis.Redi
         node_url = urlunsplit(url._replace(netloc=netloc, path="/0"))
         timeout_s = redis_timeout_s(settings)
         nodes.append(
-            aioredis.Redis.from_url(node_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            aioredis.Redis.from_url(
+                node_url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                protocol=FOLLOWING_PROTOCOL,
+            )
         )
     return nodes
 
