@@ -64,15 +64,25 @@ def following(listener: Listener, send: Recorder, keepalive_s: float | None = No
     return asyncio.create_task(live.follow(listener, send, ids, b"\n", keepalive_s))
 
 
-async def test_entries_are_written_in_the_wakers_turn_while_the_task_sleeps() -> None:
-    listener = Listener("k", ZERO, 100, Waker().soon)
-    send = Recorder()
+async def followed(send: Recorder, waker: Waker | None = None) -> tuple[Listener, asyncio.Task[None]]:
+    """A listener, and a body's task following it that now waits for entries."""
+    listener = Listener("k", ZERO, 100, (waker or Waker()).soon)
     task = following(listener, send)
     await turns()
-    for i in (1, 2, 3):
-        listener.push(batch(i))
+    return listener, task
+
+
+async def pushed(listener: Listener, *batches: list[Entry]) -> None:
+    """Each batch pushed, and the turns that deliver it let run."""
+    for entries in batches:
+        listener.push(entries)
         await turns()
-    listener.push(batch(4, end=True))
+
+
+async def test_entries_are_written_in_the_wakers_turn_while_the_task_sleeps() -> None:
+    send = Recorder()
+    listener, task = await followed(send)
+    await pushed(listener, batch(1), batch(2), batch(3), batch(4, end=True))
     await asyncio.wait_for(task, 5)
     assert send.bodies == [b"[1-0]", b"[2-0]", b"[3-0]", b"[4-0]" + END]
     assert send.in_task == [False] * 4  # not one of them woke the body's task
@@ -82,14 +92,9 @@ async def test_entries_are_written_in_the_wakers_turn_while_the_task_sleeps() ->
 async def test_a_send_that_has_to_wait_is_finished_by_the_task_in_order() -> None:
     """The second write has to wait: what comes meanwhile is buffered and written by the
     task once it is done, as one piece; after that, writes come from the waker's turn again."""
-    listener = Listener("k", ZERO, 100, Waker().soon)
     send = Recorder(hold=b"[2-0]")
-    task = following(listener, send)
-    await turns()
-    listener.push(batch(1))
-    await turns()
-    listener.push(batch(2))
-    await turns()
+    listener, task = await followed(send)
+    await pushed(listener, batch(1), batch(2))
     listener.push(batch(3))
     listener.push(batch(4))
     await turns()
@@ -108,12 +113,9 @@ async def test_a_cancelled_body_cancels_the_send_it_waits_on(when: str) -> None:
     """A client that leaves cancels the body's task: a send that was started in the waker's
     turn is cancelled with it, whether it still waits (the task's future is cancelled) or
     what it waited on just came (the cancellation is thrown in)."""
-    listener = Listener("k", ZERO, 100, Waker().soon)
     send = Recorder(hold=b"[1-0]")
-    task = following(listener, send)
-    await turns()
-    listener.push(batch(1))
-    await turns()
+    listener, task = await followed(send)
+    await pushed(listener, batch(1))
     if when == "about to go on":
         send.gate.set()
     task.cancel()
@@ -127,10 +129,9 @@ async def test_a_send_that_fails_ends_that_body_alone() -> None:
     """The failure surfaces in the body's task, not in the waker's turn that wrote for
     every listener: the other listener of the same turn gets its entries all the same."""
     waker = Waker()
-    failing, other = Listener("k", ZERO, 100, waker.soon), Listener("k", ZERO, 100, waker.soon)
     failing_send, other_send = Recorder(fail=b"[1-0]"), Recorder()
-    failing_task, other_task = following(failing, failing_send), following(other, other_send)
-    await turns()
+    failing, failing_task = await followed(failing_send, waker)
+    other, other_task = await followed(other_send, waker)
     entries = batch(1)
     failing.push(entries)
     other.push(entries)
@@ -142,12 +143,9 @@ async def test_a_send_that_fails_ends_that_body_alone() -> None:
 
 
 async def test_a_close_comes_after_what_was_buffered() -> None:
-    listener = Listener("k", ZERO, 100, Waker().soon)
     send = Recorder(hold=b"[1-0]")
-    task = following(listener, send)
-    await turns()
-    listener.push(batch(1))
-    await turns()
+    listener, task = await followed(send)
+    await pushed(listener, batch(1))
     listener.push(batch(2))  # buffered behind the held send
     listener.close(Reason.GONE)
     send.gate.set()
