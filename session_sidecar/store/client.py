@@ -46,8 +46,9 @@ def redis_timeout_s(settings: Settings) -> float:
 # message formatted for a debug line, each time): 77 µs of CPU per event against 59 µs
 # in RESP2 (`python -m bench.pubsub`, medians of 5 rounds at 3,000 events/s), and the
 # index hears one event per `XADD`: 3,300 a second at 5,000 followers on 500 runs. The
-# replies read raw are read in either protocol (streams/readers.py, store/facts.py); the
-# requests' own client keeps redis-py's default.
+# replies read raw are read in either protocol (streams/readers.py, store/facts.py). The
+# requests' budgeted client keeps redis-py's default; behind Sentinel, where one client
+# serves both (app.py), requests speak RESP2 too.
 FOLLOWING_PROTOCOL = 2
 
 
