@@ -107,9 +107,10 @@ async def follow(
     listener.sink = sink
     try:
         while True:
-            wait_s = until - loop.time()
+            now = loop.time()
+            wait_s = until - now
             if keepalive_s is not None:
-                wait_s = min(wait_s, sink.written_at + keepalive_s - loop.time())
+                wait_s = min(wait_s, sink.written_at + keepalive_s - now)
             batch = await listener.next(None if wait_s == math.inf else max(wait_s, 0.0))
             if batch:  # came while the task was busy: written from here, the same way
                 sink(batch)
